@@ -1,0 +1,290 @@
+"""Typed configuration: a dataclass schema merged with YAML files and ``key=value`` overrides.
+
+Load order: the schema defaults, ``conf/config.yaml`` (the paper), extra YAML files in the order
+given, then omegaconf dotlist overrides. Unknown keys, wrong types and impossible values fail
+here, before any process group or data work starts, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DEFAULT_CONFIG = CONF_DIR / "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class FeaturesConfig:
+    """Log-mel front end (Ye et al.: 48 kHz, Hann 2048, hop 1500, 64 mels 50 Hz-24 kHz, log)."""
+
+    sample_rate: int = 48000
+    n_fft: int = 2048
+    win_length: int = 2048
+    hop_length: int = 1500
+    n_mels: int = 64
+    f_min: float = 50.0
+    f_max: float = 24000.0
+    # Every clip is padded/cropped to this length before the STFT, so a short file cannot
+    # change a batch's shape.
+    clip_seconds: float = 10.0
+    # Centred STFT gives 321 frames for 10 s; the paper's 320 is a crop of the last frame.
+    frames: int = 320
+    # dB floor: 10*log10(max(power, 10**(floor_db/10))).
+    floor_db: float = -100.0
+
+
+@dataclass
+class DataConfig:
+    # Root holding <split>/manifest.json, <split>/*.tar, <split>/*.idx (written by asc_dist.pack).
+    shards: str = "shards/tut2018"
+    train_split: str = "train"
+    test_split: str = "test"
+    backend: str = "auto"  # dali | torch | auto
+    num_threads: int = 2  # DALI threads / DataLoader workers per rank
+    shuffle_buffer: int = 256
+    prefetch: int = 2
+    # Per-mel-bin standardisation from the training split only; stats file lives beside the shards.
+    standardize: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"  # resnet18|34|50|101|152 | dcase_baseline
+    pretrained: str = "imagenet"  # imagenet | none | /path/to/state_dict.pt
+    input_adapt: str = "sum"  # sum: 1-channel conv1 = sum of RGB filters | repeat: input x3
+    resize: list[int] | None = None  # [H, W] to interpolate the log-mel to, or null
+    channels_last: bool = True  # used on CUDA only
+    compile: bool = False
+
+
+@dataclass
+class LossConfig:
+    name: str = "focal"  # focal | ce
+    gamma: float = 2.0
+    alpha: Any = 1.0  # scalar, or one weight per class
+
+
+@dataclass
+class MixupConfig:
+    enabled: bool = True
+    alpha: float = 0.3
+    per_sample: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adabound"  # adabound | adam | sgd
+    lr: float = 1e-3
+    final_lr: float = 0.1
+    gamma: float = 1e-3  # AdaBound's bound convergence speed
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    decay_every: int = 200
+    decay_factor: float = 0.9
+    warmup_iters: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 5000
+    global_batch: int = 64
+    eval_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 3
+    log_every: int = 20
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    grad_clip: float = 0.0  # max grad norm; 0 disables
+    sync_bn: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "asc-dist"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_images: int = 4
+
+
+@dataclass
+class Config:
+    name: str = "paper"
+    run_dir: str = "runs/${name}"
+    resume: str = "auto"  # auto | never | /path/to/checkpoint.pt
+    num_classes: int = 10
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+_CHOICES = {
+    "data.backend": {"dali", "torch", "auto"},
+    "model.input_adapt": {"sum", "repeat"},
+    "loss.name": {"focal", "ce"},
+    "optim.name": {"adabound", "adam", "sgd"},
+    "train.precision": {"auto", "bf16", "fp32"},
+    "train.device": {"auto", "cpu", "cuda"},
+    "wandb.mode": {"online", "offline", "disabled"},
+}
+_POSITIVE = [
+    "features.sample_rate", "features.n_fft", "features.win_length", "features.hop_length",
+    "features.n_mels", "features.clip_seconds", "features.frames", "data.num_threads",
+    "optim.lr", "optim.decay_every", "optim.decay_factor", "train.max_iters",
+    "train.global_batch", "train.eval_every", "train.ckpt_every", "train.keep_last",
+    "train.log_every", "num_classes",
+]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
+    """Check values the type system cannot; raise ConfigError naming the key."""
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: must be one of {sorted(allowed)}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
+    f = cfg.features
+    if f.win_length > f.n_fft:
+        raise ConfigError(f"features.win_length={f.win_length} is larger than features.n_fft={f.n_fft}")
+    if f.hop_length > f.win_length:
+        raise ConfigError(
+            f"features.hop_length={f.hop_length} is larger than features.win_length={f.win_length}"
+        )
+    if not 0 <= f.f_min < f.f_max:
+        raise ConfigError(f"features.f_min={f.f_min} must be >= 0 and below features.f_max={f.f_max}")
+    if f.f_max > f.sample_rate / 2:
+        raise ConfigError(
+            f"features.f_max={f.f_max} is above Nyquist ({f.sample_rate / 2} Hz for "
+            f"features.sample_rate={f.sample_rate})"
+        )
+    max_frames = int(round(f.clip_seconds * f.sample_rate)) // f.hop_length + 1
+    if f.frames > max_frames:
+        raise ConfigError(
+            f"features.frames={f.frames}: a {f.clip_seconds} s clip at hop {f.hop_length} "
+            f"gives only {max_frames} frames"
+        )
+    if cfg.train.global_batch % world_size:
+        raise ConfigError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by the world size "
+            f"{world_size}"
+        )
+    if cfg.mixup.enabled and not cfg.mixup.alpha > 0:
+        raise ConfigError(f"mixup.alpha={cfg.mixup.alpha}: must be > 0 when mixup.enabled")
+    alpha = cfg.loss.alpha
+    if isinstance(alpha, (list, ListConfig)):
+        if len(alpha) != cfg.num_classes:
+            raise ConfigError(
+                f"loss.alpha has {len(alpha)} entries but num_classes={cfg.num_classes}"
+            )
+        values = list(alpha)
+    elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        values = [alpha]
+    else:
+        raise ConfigError(f"loss.alpha={alpha!r}: must be a number or a list of numbers")
+    if any(not isinstance(v, (int, float)) or v < 0 for v in values):
+        raise ConfigError(f"loss.alpha={list(values)!r}: weights must be numbers >= 0")
+    if cfg.loss.gamma < 0:
+        raise ConfigError(f"loss.gamma={cfg.loss.gamma}: must be >= 0")
+    if cfg.model.resize is not None and (
+        len(cfg.model.resize) != 2 or min(cfg.model.resize) <= 0
+    ):
+        raise ConfigError(f"model.resize={list(cfg.model.resize)}: must be [height, width] > 0")
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: bad config key '{key}': {reason}") from None
+
+
+def load(
+    args: list[str] | tuple[str, ...] = (),
+    *,
+    base: str | Path | None = DEFAULT_CONFIG,
+    world_size: int | None = None,
+) -> DictConfig:
+    """Build the run config from ``args``: YAML paths first, then ``key=value`` overrides."""
+    cfg = OmegaConf.structured(Config)
+    yamls = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    for path in ([base] if base else []) + yamls:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml errors carry line numbers; keep them
+            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+        cfg = _merge(cfg, loaded, str(path))
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+")
+        try:
+            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        except ConfigError as e:
+            raise ConfigError(f"{e} (override key '{key}')") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve config key '{getattr(e, 'full_key', '?')}': {e}") from None
+    validate(cfg, world_size)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(d: dict) -> DictConfig:
+    """Rebuild a typed config from a saved dict (e.g. one stored in a checkpoint)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), d)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m asc_dist.config [yaml ...] [key=value ...]`` prints the resolved config."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = load(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

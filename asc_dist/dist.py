@@ -1,0 +1,148 @@
+"""Everything that touches torch.distributed: environment, init/teardown, DDP wrapping, reductions.
+
+The same code runs as one plain process (no process group) or under torchrun (RANK, LOCAL_RANK,
+WORLD_SIZE in the environment): NCCL with one GPU per process when CUDA is present, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Join the process group torchrun describes (if any) and pick this process's device."""
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = env_world_size()
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if use_cuda else None,
+        )
+        # A broken rank or network fails here, at start-up, instead of in the first backward.
+        warm = torch.ones(1, device=dev)
+        dist.all_reduce(warm)
+        if int(warm.item()) != world_size:
+            raise RuntimeError(f"warm-up all_reduce gave {warm.item()}, expected {world_size}")
+    return DistEnv(rank, local_rank, world_size, dev)
+
+
+def teardown() -> None:
+    """The one exit path: destroy the process group whether training ended or failed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (on the process group's device) and return it."""
+    if not _active():
+        return t
+    # gloo reduces CPU tensors, NCCL CUDA tensors: move there and back when needed.
+    target = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    work = t.to(target)
+    dist.all_reduce(work)
+    if work is not t:
+        t.copy_(work)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank (used to agree on stopping)."""
+    if not _active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics, so evaluation is identical on all ranks."""
+    if not _active():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
+def wrap_model(model: nn.Module, env: DistEnv, *, sync_bn: bool = False) -> nn.Module:
+    """DDP-wrap ``model`` when running distributed; a no-op in a single process."""
+    if not env.distributed:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class StopSignal:
+    """Records SIGTERM/SIGUSR1/SIGINT; ranks agree on it at a step boundary via :func:`any_rank`.
+
+    The handler only sets a flag, so a signal never interrupts a collective or a checkpoint write.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means "stop now", without the checkpoint
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

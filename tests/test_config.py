@@ -1,0 +1,87 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from asc_dist import config
+from asc_dist.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_paper():
+    cfg = config.load()
+    f = cfg.features
+    assert (f.sample_rate, f.n_fft, f.win_length, f.hop_length, f.n_mels) == (48000, 2048, 2048, 1500, 64)
+    assert (f.f_min, f.f_max, f.frames) == (50.0, 24000.0, 320)
+    assert cfg.model.name == "resnet50" and cfg.model.pretrained == "imagenet"
+    assert cfg.loss.name == "focal" and cfg.mixup.enabled and cfg.mixup.alpha == 0.3
+    o = cfg.optim
+    assert (o.name, o.lr, o.final_lr, o.decay_every, o.decay_factor) == ("adabound", 1e-3, 0.1, 200, 0.9)
+    assert cfg.train.max_iters == 5000 and cfg.train.global_batch == 64
+
+
+def test_yaml_files_then_overrides_merge_in_order(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text("optim:\n  lr: 0.5\ntrain:\n  max_iters: 7\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("optim:\n  lr: 0.25\n")
+    cfg = config.load([str(a), str(b), "train.max_iters=9", "name=x"])
+    assert cfg.optim.lr == 0.25 and cfg.train.max_iters == 9
+    assert cfg.run_dir == "runs/x"  # interpolation resolved after overrides
+
+
+@pytest.mark.parametrize("args, key", [
+    (["optim.lrr=0.1"], "optim.lrr"),
+    (["nonsense=1"], "nonsense"),
+    (["optim.lr=fast"], "optim.lr"),
+    (["train.max_iters=1.5"], "train.max_iters"),
+    (["features.hop_length=4096"], "features.hop_length"),
+    (["features.f_max=30000"], "features.f_max"),
+    (["data.backend=tensorflow"], "data.backend"),
+    (["train.global_batch=0"], "train.global_batch"),
+    (["loss.alpha=[1,2]"], "loss.alpha"),
+    (["features.frames=400"], "features.frames"),
+])
+def test_bad_values_name_the_key(args, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.load(args)
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  depth: 50\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.depth"):
+        config.load([str(bad)])
+
+
+def test_global_batch_must_divide_world_size():
+    config.load(["train.global_batch=64"], world_size=4)
+    with pytest.raises(ConfigError, match="train.global_batch=63.*world size 2"):
+        config.load(["train.global_batch=63"], world_size=2)
+
+
+def test_dump_reload_round_trip(tmp_path):
+    cfg = config.load(["optim.lr=0.002", "loss.alpha=[1,1,1,1,1,2,2,2,2,2]"])
+    out = tmp_path / "resolved.yaml"
+    out.write_text(config.to_yaml(cfg))
+    again = config.load([str(out)])
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+def test_shipped_configs_all_load():
+    for path in sorted((ROOT / "conf").rglob("*.yaml")):
+        if path.name != "config.yaml":
+            config.load([str(path)])
+
+
+def test_cli_reports_errors_with_exit_code_2():
+    ok = subprocess.run([sys.executable, "-m", "asc_dist.config", "optim.lr=0.01"],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "lr: 0.01" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "asc_dist.config", "train.bogus=1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "train.bogus" in bad.stderr
