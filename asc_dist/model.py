@@ -1,0 +1,285 @@
+"""Models: torchvision ResNets adapted to 1-channel log-mels, and the DCASE 2018 baseline CNN.
+
+Input is ``[B, 1, n_mels, T]`` float, output ``[B, num_classes]`` logits; any ``T`` works
+because every model ends in adaptive pooling.
+
+Pretrained weights (``model.pretrained``):
+
+* ``imagenet`` -- torchvision's ``IMAGENET1K_V1`` weights for the chosen ResNet. V1 is the
+  recipe the 2018 paper could have used and the only ImageNet set that exists for every depth
+  (resnet18/34 have no V2). The file is read from torch hub's cache,
+  ``$TORCH_HOME/hub/checkpoints/<file name of the enum's url>``; it is never downloaded (the
+  training machines have no network and a half-written download on a shared cache is worse
+  than a clear message), so a missing file fails with the exact name and path to put it at.
+* a path to a state dict file (torchvision layout, or one of our own model state dicts);
+* ``none`` -- random initialisation.
+
+Input adaptation (``model.input_adapt``): ``sum`` makes conv1 take one channel, its filters
+the sum of the pretrained RGB filters (a grey image through the RGB filters gives the same
+response); ``repeat`` keeps the 3-channel conv1 and repeats the input three times. With
+``model.resize: [H, W]`` the log-mel is bilinearly interpolated to that size first.
+
+Device placement, ``channels_last`` and ``torch.compile`` are applied by :func:`prepare_model`,
+not by :func:`build_model`, so the model is built (and pretrained weights loaded) on the CPU
+once and the same builder serves tests and tools that never touch a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import get_model_weights
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+log = logging.getLogger(__name__)
+
+# Same block/layer layout as torchvision's builders, so state dict keys match their weight files.
+RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+}
+MODEL_NAMES = (*RESNETS, "dcase_baseline")
+IMAGENET_WEIGHTS = "IMAGENET1K_V1"
+# Wrappers that training code commonly leaves on state dict keys.
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+
+
+class SpecResNet(ResNet):
+    """A torchvision ResNet whose forward first adapts a ``[B, 1, H, W]`` spectrogram."""
+
+    def __init__(self, block, layers, num_classes: int, input_adapt: str = "sum",
+                 resize: tuple[int, int] | None = None):
+        super().__init__(block, layers, num_classes=num_classes)
+        if input_adapt not in ("sum", "repeat"):
+            raise ValueError(f"model.input_adapt={input_adapt!r}: must be 'sum' or 'repeat'")
+        self.input_adapt = input_adapt
+        self.resize = resize
+        if input_adapt == "sum":
+            self.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_input(x)
+        if self.resize is not None:
+            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
+        if self.input_adapt == "repeat":
+            x = x.expand(-1, 3, -1, -1)
+        return super().forward(x)
+
+
+class DcaseBaseline(nn.Module):
+    """The DCASE 2018 task 1 baseline CNN (Heittola et al.), for Table I's "baseline" row.
+
+    conv 7x7x32 - BN - ReLU - maxpool 5x5 - dropout 0.3 - conv 7x7x64 - BN - ReLU - maxpool -
+    dropout 0.3 - dense 100 (ReLU) - dropout 0.3 - dense num_classes. The baseline's second pool
+    is 4x100 on 40x500 inputs, leaving a 2x1 map; an adaptive max pool to 2x1 gives the same
+    map for any input size (inputs must be at least 5x5 for the first pool).
+    """
+
+    def __init__(self, num_classes: int, resize: tuple[int, int] | None = None,
+                 dropout: float = 0.3):
+        super().__init__()
+        self.resize = resize
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 7, padding=3),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(5),
+            nn.Dropout(dropout),
+            nn.Conv2d(32, 64, 7, padding=3),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveMaxPool2d((2, 1)),
+            nn.Dropout(dropout),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 2, 100),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(100, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_input(x)
+        if self.resize is not None:
+            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
+        return self.classifier(self.features(x))
+
+
+def _check_input(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"model input must be [B, 1, n_mels, T]; got shape {list(x.shape)}")
+    return x
+
+
+@dataclass
+class LoadReport:
+    """What happened to each key when a state dict was loaded into a model."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    skipped: list[str] = field(default_factory=list)  # in both, shapes differ (e.g. the head)
+
+
+def imagenet_weights_file(name: str) -> Path:
+    """Where torch hub's cache keeps the ImageNet weights of ResNet ``name`` (may not exist)."""
+    if name not in RESNETS:
+        raise ValueError(f"no ImageNet weights for model.name={name!r}; use pretrained=none or a path")
+    weights = get_model_weights(name)[IMAGENET_WEIGHTS]
+    # Resolved at call time so a changed TORCH_HOME is honoured.
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot read weights file {path}: {e}") from e
+    # Our own checkpoints and many others nest the weights one level down.
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise RuntimeError(f"weights file {path} does not hold a state dict of tensors")
+    out = {}
+    for k, v in obj.items():
+        for prefix in _KEY_PREFIXES:
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out
+
+
+def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                    source: str = "state dict") -> LoadReport:
+    """Load ``state_dict`` into ``model`` non-strictly, adapting conv1 and skipping the head.
+
+    A 3-channel conv1 loaded into a 1-channel conv1 is summed over its RGB dimension. Keys whose
+    shapes still differ (the 1000-way ImageNet head against our ``num_classes`` head) are
+    skipped and reported, as are missing and unexpected keys.
+    """
+    own = model.state_dict()
+    state_dict = dict(state_dict)
+    w = state_dict.get("conv1.weight")
+    if w is not None and "conv1.weight" in own and w.shape[1] == 3 and own["conv1.weight"].shape[1] == 1:
+        state_dict["conv1.weight"] = w.sum(dim=1, keepdim=True)
+    report = LoadReport(source=source)
+    for k in list(state_dict):
+        if k in own and state_dict[k].shape != own[k].shape:
+            report.skipped.append(
+                f"{k} (file {list(state_dict[k].shape)}, model {list(own[k].shape)})"
+            )
+            del state_dict[k]
+    result = model.load_state_dict(state_dict, strict=False)
+    report.missing = list(result.missing_keys)
+    report.unexpected = list(result.unexpected_keys)
+    report.loaded = [k for k in state_dict if k in own]
+    if not report.loaded:
+        raise RuntimeError(
+            f"no weight in {source} matches the model ({len(report.unexpected)} unexpected keys, "
+            f"e.g. {report.unexpected[:3]}): wrong architecture?"
+        )
+    _log_report(report)
+    return report
+
+
+def _log_report(report: LoadReport) -> None:
+    log.info("loaded %d tensors from %s", len(report.loaded), report.source)
+    # A new head is the point of transfer learning; anything else not loaded deserves a warning.
+    def head(k: str) -> bool:
+        return k.split(" ")[0].startswith(("fc.", "classifier."))
+
+    for kind in ("skipped", "missing", "unexpected"):
+        keys = getattr(report, kind)
+        expected = [k for k in keys if head(k)]
+        other = [k for k in keys if not head(k)]
+        if expected:
+            log.info("%s keys from %s (new head, expected): %s", kind, report.source, expected)
+        if other:
+            log.warning("%s keys from %s: %s", kind, report.source, other)
+
+
+def _cfg(cfg: Any, key: str, default: Any) -> Any:
+    value = getattr(cfg, key, default)
+    return default if value is None and default is not None else value
+
+
+def build_model(cfg_model: Any, num_classes: int) -> nn.Module:
+    """Build ``cfg.model`` (a ModelConfig or DictConfig) with a ``num_classes``-way head, on CPU."""
+    name = _cfg(cfg_model, "name", "resnet50")
+    pretrained = str(_cfg(cfg_model, "pretrained", "none"))
+    input_adapt = _cfg(cfg_model, "input_adapt", "sum")
+    resize = _cfg(cfg_model, "resize", None)
+    if resize is not None:
+        resize = tuple(int(s) for s in resize)
+        if len(resize) != 2 or min(resize) <= 0:
+            raise ValueError(f"model.resize={list(resize)}: must be [height, width] > 0")
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes}: must be >= 1")
+
+    if name in RESNETS:
+        block, layers = RESNETS[name]
+        model: nn.Module = SpecResNet(block, layers, num_classes, input_adapt, resize)
+    elif name == "dcase_baseline":
+        model = DcaseBaseline(num_classes, resize)
+    else:
+        raise ValueError(f"model.name={name!r}: must be one of {list(MODEL_NAMES)}")
+
+    if pretrained == "none":
+        return model
+    if pretrained == "imagenet":
+        if name not in RESNETS:
+            raise ValueError(
+                f"model.pretrained=imagenet: there are no ImageNet weights for model.name={name!r}; "
+                "use model.pretrained=none or a path to a state dict"
+            )
+        path = imagenet_weights_file(name)
+        if not path.is_file():
+            url = get_model_weights(name)[IMAGENET_WEIGHTS].url
+            raise FileNotFoundError(
+                f"model.pretrained=imagenet: ImageNet weights for {name} not found. Place the file "
+                f"{path.name} at {path} (download it from {url} on a machine with network access; "
+                f"TORCH_HOME={os.environ.get('TORCH_HOME', '<unset>')}), or set "
+                "model.pretrained=none or a path to a state dict."
+            )
+    else:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.pretrained={pretrained!r}: no such weights file (expected 'imagenet', "
+                "'none' or a path to a state dict)"
+            )
+    load_pretrained(model, _read_state_dict(path), source=str(path))
+    return model
+
+
+def prepare_model(model: nn.Module, cfg_model: Any, device: torch.device | str) -> nn.Module:
+    """Move to ``device``; on CUDA apply channels_last; compile in place if ``model.compile``.
+
+    ``nn.Module.compile`` compiles the forward in place, so state dict keys keep their names
+    (no ``_orig_mod.`` prefix) and checkpoints stay interchangeable. Call before wrapping in
+    DDP; feed the model channels_last inputs on CUDA for the fast convolution path.
+    """
+    device = torch.device(device)
+    model = model.to(device)
+    if device.type == "cuda" and _cfg(cfg_model, "channels_last", True):
+        model = model.to(memory_format=torch.channels_last)
+    if _cfg(cfg_model, "compile", False):
+        model.compile()
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

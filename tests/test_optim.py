@@ -1,0 +1,172 @@
+import io
+import math
+import warnings
+
+import adabound
+import pytest
+import torch
+
+from asc_dist.config import OptimConfig
+from asc_dist.optim import AdaBound, bounds, build_optimizer, build_scheduler, lr_factor
+
+
+def _problem(seed=0):
+    """A small least-squares problem with two param groups' worth of tensors."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(5, 3, generator=g))
+    b = torch.nn.Parameter(torch.randn(3, generator=g))
+    x = torch.randn(16, 5, generator=g)
+    y = torch.randn(16, 3, generator=g)
+    return [w, b], lambda: ((x @ w + b - y) ** 2).mean()
+
+
+def _run(opt, params, loss_fn, steps, sched=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("weight_decay,amsbound", [(0.0, False), (5e-4, False), (1e-3, True)])
+def test_adabound_matches_package_bit_for_bit(weight_decay, amsbound):
+    ref_params, ref_loss = _problem()
+    new_params, new_loss = _problem()
+    kw = {"lr": 1e-2, "final_lr": 0.1, "gamma": 1e-3, "weight_decay": weight_decay,
+          "amsbound": amsbound}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the package's deprecated add_(Number, Tensor)
+        ref = _run(adabound.AdaBound(ref_params, **kw), ref_params, ref_loss, 25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ours must not warn at all
+        new = _run(AdaBound(new_params, **kw), new_params, new_loss, 25)
+    for r, n in zip(ref, new):
+        assert torch.equal(r, n)
+
+
+def test_adabound_with_schedule_matches_package():
+    """The lr schedule moves the SGD bound via lr / base_lr exactly as in the package."""
+    cfg = OptimConfig(lr=1e-2, decay_every=3, decay_factor=0.5, warmup_iters=4)
+    ref_params, ref_loss = _problem(1)
+    new_params, new_loss = _problem(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_opt = adabound.AdaBound(ref_params, lr=cfg.lr, final_lr=cfg.final_lr, gamma=cfg.gamma)
+        ref = _run(ref_opt, ref_params, ref_loss, 12, build_scheduler(cfg, ref_opt))
+    new_opt = build_optimizer(cfg, new_params)
+    new = _run(new_opt, new_params, new_loss, 12, build_scheduler(cfg, new_opt))
+    for r, n in zip(ref, new):
+        assert torch.equal(r, n)
+
+
+def test_bounds_converge_to_final_lr():
+    """Per-element step sizes of wildly different Adam scales end up clamped near final_lr."""
+    final_lr, gamma = 0.1, 0.5
+    # float64: parameters travel ~1e6 here, too far to read float32 step sizes back exactly
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = AdaBound([p], lr=1e-3, final_lr=final_lr, gamma=gamma)
+    grad = torch.tensor([1e-4, 1e4], dtype=torch.float64)  # Adam's own lr/denom: ~10 and ~1e-7
+    for _ in range(1000):
+        before = p.detach().clone()
+        p.grad = grad.clone()
+        opt.step()
+    effective = (before - p.detach()) / opt.state[p]["exp_avg"]
+    lower, upper = bounds(final_lr, gamma, 1000)
+    assert lower < final_lr < upper and upper - lower < 0.005 * final_lr
+    # The small gradient wants a huge step (clamped to the upper bound), the large one a tiny
+    # step (clamped to the lower bound): both are within 0.2 % of final_lr.
+    assert math.isclose(effective[0].item(), upper, rel_tol=1e-9)
+    assert math.isclose(effective[1].item(), lower, rel_tol=1e-9)
+    # Early on the bounds are wide: the same gradients step very differently.
+    assert bounds(final_lr, gamma, 1)[0] < 0.04 and bounds(final_lr, gamma, 1)[1] > 0.2
+
+
+@pytest.mark.parametrize("it,expected", [(0, 1.0), (199, 1.0), (200, 0.9), (400, 0.81),
+                                         (5000, 0.9 ** 25)])
+def test_schedule_values(it, expected):
+    cfg = OptimConfig()
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer(cfg, [p])
+    sched = build_scheduler(cfg, opt)
+    for _ in range(it):
+        opt.step()  # no grads: a no-op that keeps the scheduler's order check quiet
+        sched.step()
+    assert math.isclose(opt.param_groups[0]["lr"], 1e-3 * expected, rel_tol=1e-12)
+    assert math.isclose(lr_factor(it), expected, rel_tol=1e-12)
+
+
+def test_warmup_is_linear_then_step_decay():
+    assert [lr_factor(i, 200, 0.9, 4) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert math.isclose(lr_factor(200, 200, 0.9, 4), 0.9)
+    with pytest.raises(ValueError, match="optim.decay_every"):
+        build_scheduler(OptimConfig(decay_every=0), build_optimizer(OptimConfig(), [torch.nn.Parameter(torch.zeros(1))]))
+
+
+@pytest.mark.parametrize("name", ["adabound", "adam", "sgd"])
+def test_resume_mid_run_equals_uninterrupted(name):
+    cfg = OptimConfig(name=name, lr=1e-2, weight_decay=1e-4, decay_every=4, warmup_iters=3)
+    params, loss_fn = _problem(2)
+    opt = build_optimizer(cfg, params)
+    sched = build_scheduler(cfg, opt)
+    _run(opt, params, loss_fn, 7, sched)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "optim": opt.state_dict(),
+                "sched": sched.state_dict()}, buf)
+    uninterrupted = _run(opt, params, loss_fn, 5, sched)
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)  # checkpoints are loaded this way
+    params2, loss_fn2 = _problem(2)
+    with torch.no_grad():
+        for p, saved in zip(params2, ckpt["params"]):
+            p.copy_(saved)
+    opt2 = build_optimizer(cfg, params2)  # rebuilt with the original lr, then loaded
+    sched2 = build_scheduler(cfg, opt2)
+    opt2.load_state_dict(ckpt["optim"])
+    sched2.load_state_dict(ckpt["sched"])
+    resumed = _run(opt2, params2, loss_fn2, 5, sched2)
+    for u, r in zip(uninterrupted, resumed):
+        assert torch.equal(u, r)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_package_state_dict_loads_into_ours():
+    """A state dict written by adabound.AdaBound (no stored base_lr) resumes identically."""
+    params_a, loss_a = _problem(3)
+    params_b, loss_b = _problem(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pkg_a = adabound.AdaBound(params_a, lr=1e-2)
+        _run(pkg_a, params_a, loss_a, 4)
+        expected = _run(pkg_a, params_a, loss_a, 3)
+        pkg_b = adabound.AdaBound(params_b, lr=1e-2)
+        _run(pkg_b, params_b, loss_b, 4)
+    ours = AdaBound(params_b, lr=1e-2)
+    ours.load_state_dict(pkg_b.state_dict())
+    got = _run(ours, params_b, loss_b, 3)
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+def test_build_optimizer_kinds_and_bad_name():
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    assert isinstance(build_optimizer(OptimConfig(), p), AdaBound)
+    assert isinstance(build_optimizer(OptimConfig(name="adam"), p), torch.optim.Adam)
+    sgd = build_optimizer(OptimConfig(name="sgd", momentum=0.5), p)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
+    with pytest.raises(ValueError, match="optim.name='lamb'"):
+        build_optimizer(OptimConfig(name="lamb"), p)
+
+
+def test_param_group_added_later_is_updated():
+    """The package skips groups added after construction; ours updates them."""
+    a = torch.nn.Parameter(torch.ones(2))
+    b = torch.nn.Parameter(torch.ones(2))
+    opt = AdaBound([a], lr=1e-2)
+    opt.add_param_group({"params": [b], "lr": 1e-3})
+    a.grad = torch.ones(2)
+    b.grad = torch.ones(2)
+    opt.step()
+    assert not torch.equal(b.detach(), torch.ones(2))
