@@ -117,6 +117,7 @@ class WandbConfig:
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
     log_images: int = 4
+    init_timeout: float = 30.0  # seconds; an unreachable server then means "W&B off", not a hang
 
 
 @dataclass

@@ -1,0 +1,263 @@
+"""Checkpoints: atomic ``step_<N>.pt`` files, a ``latest`` pointer, ``best.pt``, pruning, resume.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step_500.pt  step_1000.pt  step_1500.pt   the newest ``keep_last`` saves
+    latest                                   text: the file name of the newest complete save
+    best.pt                                  hard link (or copy) of the best save so far
+
+Every file appears by ``os.replace`` of a fsynced temporary in the same directory, so a crash
+or a failed save leaves the previous checkpoint and pointer intact. Only the writer (rank 0)
+saves; every rank may read. Contents must load with ``torch.load(weights_only=True)``: tensors,
+containers, numbers and strings only (see ``rng_state`` for how the RNG states comply).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, read, or used by this run; the message names the file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename itself is only durable once the directory entry is flushed.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _step_of(path: Path) -> int | None:
+    m = _STEP_FILE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, is_writer: bool = True) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: must be >= 1")
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.is_writer = is_writer
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict, *, best: bool = False) -> Path | None:
+        """Write ``step_<step>.pt`` atomically, point ``latest`` at it, prune old saves."""
+        if not self.is_writer:
+            return None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step_{step}.pt"
+        tmp = self.dir / f".{path.name}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except Exception as e:
+            raise CheckpointError(f"failed to save checkpoint {path}: {e}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.dir)
+        # The pointer moves only after the file is complete: a reader never sees a half save.
+        _atomic_write_bytes(self.dir / "latest", f"{path.name}\n".encode())
+        if best:
+            self._link_best(path)
+        self._prune(step)
+        return path
+
+    def _link_best(self, path: Path) -> None:
+        best = self.dir / "best.pt"
+        tmp = self.dir / f".best.pt.tmp.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            try:
+                # A hard link costs no space and survives pruning of the step file.
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, best)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.dir)
+
+    def _prune(self, current: int) -> None:
+        # Saves newer than `current` belong to a timeline abandoned by a resume from an older
+        # checkpoint; they are left alone (and overwritten when the run gets there again).
+        older = sorted(
+            (s, p)
+            for p in self.dir.glob("step_*.pt")
+            if (s := _step_of(p)) is not None and s <= current
+        )
+        for _, p in older[: max(0, len(older) - self.keep_last)]:
+            p.unlink(missing_ok=True)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _candidates(self) -> list[Path]:
+        """Saves to try, newest first: the pointer's target, then older step files."""
+        steps = sorted(
+            ((s, p) for p in self.dir.glob("step_*.pt") if (s := _step_of(p)) is not None),
+            reverse=True,
+        )
+        pointer = self.dir / "latest"
+        target = None
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            target = self.dir / name
+            if _step_of(target) is None or not target.is_file():
+                warnings.warn(
+                    f"checkpoint pointer {pointer} names '{name}', which is not a checkpoint "
+                    f"file here; using the newest step_*.pt instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                target = None
+        if target is None:
+            return [p for _, p in steps]
+        limit = _step_of(target)
+        return [target] + [p for s, p in steps if s < limit]
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that passes an integrity check; warns about each one skipped."""
+        if not self.dir.is_dir():
+            return None
+        for path in self._candidates():
+            problem = verify(path)
+            if problem is None:
+                return path
+            warnings.warn(
+                f"checkpoint {path} is unreadable ({problem}); falling back to the previous one",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
+
+    @staticmethod
+    def load(path: str | Path) -> dict:
+        return load(path)
+
+
+def verify(path: str | Path) -> str | None:
+    """Cheap integrity check: None if ``path`` opens as a weights-only checkpoint, else why not.
+
+    ``mmap=True`` reads the zip directory at the end of the file and the pickle, not the tensor
+    data, so a truncated file (the usual crash damage) fails here at a fraction of a full load.
+    """
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - zip, pickle, EOF, OS errors: all "not usable"
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def load(path: str | Path) -> dict:
+    """``torch.load`` on CPU, weights only; a missing, corrupt or truncated file raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded (corrupt or truncated?): {e}"
+        ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def check_compatible(
+    ckpt: dict, *, model_name: str, classes: list[str], path: str | Path | None = None
+) -> None:
+    """Refuse a checkpoint trained with another model or class list (order matters: it is the head)."""
+    where = f"checkpoint {path}" if path is not None else "the checkpoint"
+    step = ckpt.get("step")
+    if step is not None:
+        where += f" (step {step})"
+    old_model = ckpt.get("model_name")
+    if old_model is None:
+        old_model = (ckpt.get("config") or {}).get("model", {}).get("name")
+    old_classes = ckpt.get("classes")
+    problems = []
+    if old_model != model_name:
+        problems.append(f"model {old_model!r}; this run uses model {model_name!r}")
+    if old_classes is None or list(old_classes) != list(classes):
+        problems.append(f"classes {old_classes}; this run uses classes {list(classes)}")
+    if problems:
+        raise CheckpointError(
+            f"{where} was trained with "
+            + " and ".join(problems)
+            + ". Use a fresh run_dir, or resume=never to start over."
+        )
+
+
+# -- RNG states ------------------------------------------------------------------------------------
+# weights_only=True refuses numpy arrays and arbitrary objects, so every state becomes tensors,
+# lists and ints here and is rebuilt exactly on the way back.
+
+
+def rng_state() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": [version, list(mt), gauss],
+        "numpy": [
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+        "torch": torch.get_rng_state(),
+    }
+    # Only the current device, and only once this process has used CUDA: querying every device
+    # would open a CUDA context on each GPU of the node from every rank.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # the current device (LOCAL_RANK's GPU)

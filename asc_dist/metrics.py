@@ -1,0 +1,272 @@
+"""Evaluation metrics: class-wise accuracy (the paper's metric), confusion, log-loss, breakdowns.
+
+``ClassificationMeter`` accumulates integer confusion matrices (overall and per breakdown value,
+e.g. per city and device) and the summed negative log-likelihood on CPU. All state packs into one
+fixed-shape float64 vector, so one all-reduce-sum gives every rank the same exact totals (counts
+stay exact in float64 up to 2**53). Class-wise accuracy is the mean, over classes that have
+samples, of per-class accuracy (recall).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class ClassificationMeter:
+    def __init__(
+        self, classes: Sequence[str], groups: dict[str, Sequence[str]] | None = None
+    ) -> None:
+        self.classes = list(classes)
+        self.num_classes = c = len(self.classes)
+        if c == 0:
+            raise ValueError("ClassificationMeter needs at least one class")
+        # The full vocabulary per breakdown is known on every rank, so shapes agree across ranks.
+        self.groups = {name: list(values) for name, values in (groups or {}).items()}
+        self._index = {
+            name: {v: i for i, v in enumerate(vals)} for name, vals in self.groups.items()
+        }
+        for name, vals in self.groups.items():
+            if len(self._index[name]) != len(vals):
+                raise ValueError(f"breakdown '{name}' has duplicate values: {vals}")
+        self.reset()
+
+    def reset(self) -> None:
+        c = self.num_classes
+        self.confusion = torch.zeros(c, c, dtype=torch.int64)
+        self.group_confusion = {
+            name: torch.zeros(len(vals), c, c, dtype=torch.int64)
+            for name, vals in self.groups.items()
+        }
+        self.nll_sum = torch.zeros((), dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        group_values: dict[str, Sequence[str]] | None = None,
+    ) -> None:
+        """Add a batch; rows where ``valid`` is False (padding) are ignored."""
+        c = self.num_classes
+        if logits.dim() != 2 or logits.shape[1] != c:
+            raise ValueError(f"logits must be [B, {c}], got {list(logits.shape)}")
+        b = logits.shape[0]
+        labels = labels.detach().to("cpu", torch.int64).reshape(-1)
+        if labels.numel() != b:
+            raise ValueError(f"labels has {labels.numel()} entries for {b} logit rows")
+        mask = (
+            torch.ones(b, dtype=torch.bool)
+            if valid is None
+            else valid.detach().to("cpu", torch.bool).reshape(-1)
+        )
+        if mask.numel() != b:
+            raise ValueError(f"valid has {mask.numel()} entries for {b} logit rows")
+        group_idx = {}
+        for name, index in self._index.items():
+            values = (group_values or {}).get(name)
+            if values is None:
+                raise ValueError(
+                    f"update() needs group_values['{name}'] (breakdowns: {list(self.groups)})"
+                )
+            if len(values) != b:
+                raise ValueError(f"group_values['{name}'] has {len(values)} entries for {b} rows")
+            try:
+                group_idx[name] = torch.tensor([index[v] for v in values], dtype=torch.int64)[mask]
+            except KeyError as e:
+                raise ValueError(
+                    f"{name} value {e.args[0]!r} is not in the breakdown vocabulary {self.groups[name]}"
+                ) from None
+        labels = labels[mask]
+        if labels.numel() and (labels.min() < 0 or labels.max() >= c):
+            raise ValueError(
+                f"labels outside [0, {c}): {labels[(labels < 0) | (labels >= c)].tolist()}"
+            )
+        # float64 log_softmax: bf16/fp16 logits would make the log-loss depend on the precision.
+        logp = logits.detach()[mask.to(logits.device)].to("cpu", torch.float64).log_softmax(dim=1)
+        preds = logp.argmax(dim=1)
+        cell = labels * c + preds
+        self.confusion += torch.bincount(cell, minlength=c * c).view(c, c)
+        for name, idx in group_idx.items():
+            g = len(self.groups[name])
+            self.group_confusion[name] += torch.bincount(
+                idx * c * c + cell, minlength=g * c * c
+            ).view(g, c, c)
+        self.nll_sum -= logp.gather(1, labels[:, None]).sum()
+
+    def state_tensor(self) -> torch.Tensor:
+        """All state as one flat float64 vector (the unit of cross-rank reduction)."""
+        parts = [self.confusion.flatten()] + [g.flatten() for g in self.group_confusion.values()]
+        return torch.cat([p.to(torch.float64) for p in parts] + [self.nll_sum.reshape(1)])
+
+    def compute(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+        """The report, from this meter's state summed by ``reduce`` (an all-reduce-sum) if given.
+
+        ``reduce`` gets a fresh CPU float64 tensor and may work in place; its result is used.
+        The meter's own state is not changed.
+        """
+        flat = self.state_tensor()
+        if reduce is not None:
+            flat = reduce(flat).to("cpu", torch.float64)
+        c = self.num_classes
+        values = flat.numpy()
+        confusion = np.rint(values[: c * c]).astype(np.int64).reshape(c, c)
+        offset = c * c
+        breakdowns = {}
+        for name, vals in self.groups.items():
+            size = len(vals) * c * c
+            gconf = (
+                np.rint(values[offset : offset + size]).astype(np.int64).reshape(len(vals), c, c)
+            )
+            offset += size
+            breakdowns[name] = {
+                v: {
+                    "count": int(m.sum()),
+                    "accuracy": _accuracy(m),
+                    "classwise_accuracy": _classwise(m),
+                }
+                for v, m in zip(vals, gconf)
+            }
+        nll_sum = float(values[offset])
+        count = int(confusion.sum())
+        return {
+            "classwise_accuracy": _classwise(confusion),
+            "accuracy": _accuracy(confusion),
+            "per_class": dict(zip(self.classes, _per_class(confusion))),
+            "log_loss": nll_sum / count if count else None,
+            "count": count,
+            "class_counts": {cls: int(n) for cls, n in zip(self.classes, confusion.sum(axis=1))},
+            "confusion": confusion.tolist(),
+            "breakdowns": breakdowns,
+        }
+
+
+def _per_class(confusion: np.ndarray) -> list[float | None]:
+    rows = confusion.sum(axis=1)
+    return [float(confusion[i, i] / n) if n else None for i, n in enumerate(rows)]
+
+
+def _classwise(confusion: np.ndarray) -> float | None:
+    accs = [a for a in _per_class(confusion) if a is not None]
+    return float(np.mean(accs)) if accs else None
+
+
+def _accuracy(confusion: np.ndarray) -> float | None:
+    n = confusion.sum()
+    return float(np.trace(confusion) / n) if n else None
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def format_report(report: dict, classes: Sequence[str]) -> str:
+    """Markdown: headline numbers, per-class accuracy, breakdowns (console and report.md)."""
+    headline = (
+        f"class-wise accuracy: {_fmt(report['classwise_accuracy'])} | accuracy: "
+        f"{_fmt(report['accuracy'])} | log-loss: {_fmt(report['log_loss'])} | "
+        f"clips: {report['count']}"
+    )
+    lines = [
+        headline,
+        "",
+        "| class | accuracy | clips |",
+        "|---|---:|---:|",
+    ]
+    width = max(len(c) for c in classes)
+    for cls in classes:
+        lines.append(
+            f"| {cls:<{width}} | {_fmt(report['per_class'].get(cls))} | "
+            f"{report['class_counts'].get(cls, 0)} |"
+        )
+    lines.append(
+        f"| **class-wise mean** | **{_fmt(report['classwise_accuracy'])}** | {report['count']} |"
+    )
+    for name, table in report.get("breakdowns", {}).items():
+        lines += ["", f"| {name} | accuracy | class-wise | clips |", "|---|---:|---:|---:|"]
+        for value, r in table.items():
+            lines.append(
+                f"| {value} | {_fmt(r['accuracy'])} | {_fmt(r['classwise_accuracy'])} | {r['count']} |"
+            )
+    return "\n".join(lines)
+
+
+# -- plots -----------------------------------------------------------------------------------------
+# matplotlib.figure.Figure with the Agg canvas: no pyplot global state, no display backend.
+
+
+def _save_atomic(fig, path: str | Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def plot_confusion(report: dict, classes: Sequence[str], path: str | Path) -> Path:
+    """Row-normalised confusion matrix (true x predicted), each cell annotated with its count."""
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(report["confusion"], dtype=np.int64)
+    rows = counts.sum(axis=1, keepdims=True)
+    norm = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    c = len(classes)
+    size = max(4.0, 0.6 * c + 2)
+    fig = Figure(figsize=(size, size))
+    ax = fig.add_subplot()
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for i in range(c):
+        for j in range(c):
+            if counts[i, j]:
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
+    ax.set_xticks(range(c), classes, rotation=60, ha="right")
+    ax.set_yticks(range(c), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(
+        f"class-wise accuracy {_fmt(report.get('classwise_accuracy'), 3)} (n={report.get('count')})"
+    )
+    return _save_atomic(fig, path)
+
+
+def plot_per_class(report: dict, classes: Sequence[str], path: str | Path) -> Path:
+    """Horizontal bars of per-class accuracy with the class-wise mean as a line."""
+    from matplotlib.figure import Figure
+
+    accs = [report["per_class"].get(cls) for cls in classes]
+    fig = Figure(figsize=(6, max(3.0, 0.35 * len(classes) + 1)))
+    ax = fig.add_subplot()
+    y = np.arange(len(classes))
+    ax.barh(y, [a or 0.0 for a in accs], color="tab:blue")
+    for yi, a in zip(y, accs):
+        ax.text(min(a or 0.0, 1.0) + 0.01, yi, _fmt(a, 3), va="center", fontsize=8)
+    mean = report.get("classwise_accuracy")
+    if mean is not None:
+        ax.axvline(mean, color="tab:red", linestyle="--", label=f"class-wise mean {mean:.3f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(y, classes)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel("accuracy")
+    return _save_atomic(fig, path)
