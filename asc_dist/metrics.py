@@ -76,8 +76,9 @@ class ClassificationMeter:
                 )
             if len(values) != b:
                 raise ValueError(f"group_values['{name}'] has {len(values)} entries for {b} rows")
-            try:
-                group_idx[name] = torch.tensor([index[v] for v in values], dtype=torch.int64)[mask]
+            try:  # padding rows carry no metadata: only valid rows are looked up
+                kept = [v for v, keep in zip(values, mask.tolist()) if keep]
+                group_idx[name] = torch.tensor([index[v] for v in kept], dtype=torch.int64)
             except KeyError as e:
                 raise ValueError(
                     f"{name} value {e.args[0]!r} is not in the breakdown vocabulary {self.groups[name]}"

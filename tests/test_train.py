@@ -1,0 +1,249 @@
+"""The trainer as users run it: real torchrun processes (gloo), real shards, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from asc_dist.tracking import read_metrics, read_wandb_file
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TRAIN = ["-m", "asc_dist.train", "conf/smoke.yaml"]
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.shards={shards}", f"run_dir={run_dir}", "data.backend=torch", *extra]
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return run(TORCHRUN + ["--standalone", f"--nproc_per_node={nproc}"] + TRAIN + args, timeout)
+
+
+def single(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return run([sys.executable] + TRAIN + args, timeout)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-4000:]}\nSTDERR:\n{p.stderr[-4000:]}"
+    return p
+
+
+def model_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"tensor differs at {where}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_process_training_end_to_end(packed_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    p = ok(torchrun(2, overrides(packed_shards, run_dir)))
+    assert "replicas in sync: parameters identical on all 2 ranks" in p.stdout
+    assert "class-wise accuracy" in p.stdout.lower()
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == [2, 4, 6]
+    assert all(r["train/clips_per_s"] > 0 for r in records if "train/loss" in r)
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    assert [c.name for c in ckpts] == ["step_3.pt", "step_6.pt"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_6.pt"
+    state = model_state(ckpts[-1])
+    assert state["step"] == 6 and state["model_name"] == "resnet18"
+    manifest = json.loads((packed_shards / "test" / "manifest.json").read_text())
+    assert state["classes"] == manifest["classes"]
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["count"] == manifest["num_samples"]  # every test clip scored exactly once
+    assert sum(report["class_counts"].values()) == manifest["num_samples"]
+    assert set(report["breakdowns"]) == {"city", "device"}
+    assert (run_dir / "eval" / "confusion.png").stat().st_size > 0
+    assert (run_dir / "config.yaml").read_text().count("resnet18") == 1
+
+
+def test_two_torchrun_agents_rendezvous_as_two_nodes(packed_shards, tmp_path):
+    port = free_port()
+    args = overrides(packed_shards, tmp_path / "run", "train.max_iters=3")
+    cmd = lambda node: TORCHRUN + [  # noqa: E731
+        "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=asc-test"] + TRAIN + args
+    procs = [subprocess.Popen(cmd(n), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert any("replicas in sync: parameters identical on all 2 ranks" in o for o in outs)
+
+
+def test_sigterm_then_resume_is_bit_identical_to_uninterrupted(packed_shards, tmp_path):
+    steps = 16
+    args = lambda d: overrides(packed_shards, d, f"train.max_iters={steps}", "train.log_every=1",  # noqa: E731
+                               "train.ckpt_every=100", "train.eval_every=100")
+    ok(single(args(tmp_path / "straight")))
+
+    interrupted = tmp_path / "interrupted"
+    p = subprocess.Popen([sys.executable] + TRAIN + args(interrupted), cwd=ROOT, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if re.search(r"step\s+3/", line):
+            p.send_signal(signal.SIGTERM)
+            break
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 3, out  # stopped early, checkpoint written
+    stopped_at = model_state(interrupted / "checkpoints" / "step_{}.pt".format(
+        (interrupted / "checkpoints" / "latest").read_text().strip()[5:-3]))["step"]
+    assert 3 <= stopped_at < steps
+    resumed = ok(single(args(interrupted)))
+    assert f"resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
+
+    a = model_state(tmp_path / "straight" / "checkpoints" / f"step_{steps}.pt")
+    b = model_state(interrupted / "checkpoints" / f"step_{steps}.pt")
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
+    assert a["scheduler"] == b["scheduler"]
+    # metrics.jsonl: no step trained twice
+    logged = [r["step"] for r in read_metrics(interrupted / "metrics.jsonl") if "train/loss" in r]
+    assert len(logged) == len(set(logged)) == steps
+
+
+def test_stop_signal_on_one_rank_stops_all_ranks_at_the_same_step(packed_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(packed_shards, run_dir, "train.max_iters=200", "train.log_every=1",
+                     "train.ckpt_every=1000", "train.eval_every=1000")
+    p = subprocess.Popen(TORCHRUN + ["--standalone", "--nproc_per_node=2"] + TRAIN + args, cwd=ROOT,
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if re.search(r"step\s+2/", line):
+            workers = children(p.pid)
+            assert len(workers) == 2
+            os.kill(workers[1], signal.SIGUSR1)  # only one rank gets the signal
+            break
+    out = p.communicate(timeout=120)[0]
+    assert "stop signal received: checkpointed at step" in out, out
+    step = int(re.search(r"checkpointed at step (\d+)", out).group(1))
+    assert 2 <= step < 200
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step}.pt"
+    assert "replicas in sync" in out
+
+
+def test_killed_rank_fails_loudly_and_rerun_resumes(packed_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(packed_shards, run_dir, "train.max_iters=40", "train.ckpt_every=2",
+                     "train.eval_every=1000", "train.log_every=1")
+    p = subprocess.Popen(TORCHRUN + ["--standalone", "--nproc_per_node=2"] + TRAIN + args, cwd=ROOT,
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (run_dir / "checkpoints" / "step_4.pt").exists(), what="step_4.pt")
+    os.kill(children(p.pid)[1], signal.SIGKILL)
+    out = p.communicate(timeout=120)[0]  # fails, does not hang
+    assert p.returncode != 0, out
+    last = int((run_dir / "checkpoints" / "latest").read_text().strip()[5:-3])
+    rerun = ok(torchrun(2, args))
+    assert f"at step {last}" in rerun.stdout
+    assert model_state(run_dir / "checkpoints" / "step_40.pt")["step"] == 40
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(packed_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    ok(single(overrides(packed_shards, run_dir, "train.global_batch=2")))
+    newest = run_dir / "checkpoints" / "step_6.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    p = ok(single(overrides(packed_shards, run_dir, "train.global_batch=2", "train.max_iters=9")))
+    assert "step_6.pt" in p.stderr  # the warning names the broken file
+    assert "resumed from" in p.stdout and "step_3.pt at step 3" in p.stdout
+    assert model_state(run_dir / "checkpoints" / "step_9.pt")["step"] == 9
+
+
+def test_wandb_offline_history_and_run_id_survive_resume(packed_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    ok(single(overrides(packed_shards, run_dir, "wandb.mode=offline", "train.max_iters=4",
+                        "train.global_batch=2", "train.eval_every=4")))
+    first_id = model_state(run_dir / "checkpoints" / "step_4.pt")["wandb_id"]
+    assert first_id
+    ok(single(overrides(packed_shards, run_dir, "wandb.mode=offline", "train.max_iters=6",
+                        "train.global_batch=2", "train.eval_every=4")))
+    assert model_state(run_dir / "checkpoints" / "step_6.pt")["wandb_id"] == first_id
+    files = sorted(run_dir.rglob(f"run-{first_id}.wandb"))
+    assert files, list(run_dir.rglob("*.wandb"))
+    history = [h for f in files for h in read_wandb_file(f)["history"]]
+    steps = {h["_step"] for h in history if "train/loss" in h}
+    assert {2, 4, 6} <= steps
+    config = read_wandb_file(files[0])["config"]
+    assert config["model"]["name"] == "resnet18"
+
+
+def test_config_errors_fail_before_any_process_group(packed_shards, tmp_path):
+    p = torchrun(2, overrides(packed_shards, tmp_path / "run", "train.global_batch=3"), timeout=120)
+    assert p.returncode != 0
+    assert "train.global_batch=3 is not divisible by the world size 2" in p.stderr
+    p = single(overrides(packed_shards, tmp_path / "run", "optim.learning_rate=1"))
+    assert p.returncode == 2 and "optim.learning_rate" in p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_stops_with_the_step(packed_shards, tmp_path):
+    p = single(overrides(packed_shards, tmp_path / "run", "optim.name=sgd", "optim.lr=1e30",
+                         "train.max_iters=20", "mixup.enabled=false", "loss.name=ce"))
+    assert p.returncode != 0
+    assert re.search(r"non-finite loss \(\w+\) at step \d+", p.stderr), p.stderr[-3000:]
+
+
+def test_demo_config_runs_at_reduced_size(tmp_path):
+    from conftest import make_shards
+
+    shards = make_shards(tmp_path, clips_per_class=3, duration=2.0, sample_rate=48000,
+                         shard_max_samples=8)
+    p = ok(torchrun(2, ["conf/demo.yaml"] + overrides(shards, tmp_path / "run",
+                    "train.max_iters=2", "train.global_batch=4", "train.eval_every=2",
+                    "data.backend=auto")))
+    assert "class-wise accuracy" in p.stdout.lower()
+    assert model_state(tmp_path / "run" / "checkpoints" / "step_2.pt")["model_name"] == "resnet50"
