@@ -183,7 +183,7 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
             f"features.f_max={f.f_max} is above Nyquist ({f.sample_rate / 2} Hz for "
             f"features.sample_rate={f.sample_rate})"
         )
-    max_frames = int(round(f.clip_seconds * f.sample_rate)) // f.hop_length + 1
+    max_frames = round(f.clip_seconds * f.sample_rate) // f.hop_length + 1
     if f.frames > max_frames:
         raise ConfigError(
             f"features.frames={f.frames}: a {f.clip_seconds} s clip at hop {f.hop_length} "
@@ -242,7 +242,7 @@ def load(
             raise ConfigError(f"config file not found: {path}")
         try:
             loaded = OmegaConf.load(path)
-        except Exception as e:  # yaml errors carry line numbers; keep them
+        except Exception as e:  # noqa: BLE001 - yaml errors carry line numbers; keep them
             raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
         cfg = _merge(cfg, loaded, str(path))
     for item in overrides:

@@ -135,7 +135,7 @@ class StopSignal:
         self.received: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+    def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means "stop now", without the checkpoint
         self.received = signum
