@@ -104,6 +104,8 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
             "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": config_lib.to_dict(cfg),
             "classes": list(classes), "model_name": cfg.model.name, "wandb_id": tracker.run_id,
             "best_metric": best, "data": {"steps_per_epoch": train_src.steps_per_epoch, "next_step": step},
+            # So evaluate/predict/export need no training shards to reproduce the model's input.
+            "feature_stats": None if stats is None else {"mean": stats[0].cpu(), "std": stats[1].cpu()},
         }, best=is_best)
 
     batches = timed_batches(train_src, start) if start < tc.max_iters else iter(())

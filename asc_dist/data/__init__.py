@@ -1,0 +1,147 @@
+"""One batch-source interface over the packed shards, with a DALI and a pure-PyTorch backend.
+
+    src = build_source(cfg, "train", train=True, rank=r, world_size=w, device=dev, batch_size=b)
+    for batch in src.epoch(e, start_step=k): ...   # Batch(features, labels, keys, valid)
+
+Training epochs are a pure function of (seed, epoch): each rank reads a disjoint share and runs
+exactly ``steps_per_epoch`` full batches, so DDP ranks never wait on each other at an epoch's end,
+and ``epoch(e, start_step=k)`` resumes at global step ``e * steps_per_epoch + k``. Evaluation
+visits each sample once across ranks; every rank runs the same number of batches, with padding
+rows marked ``valid=False`` (label -1, key ""). Features are raw log-mel dB (not standardised).
+
+``data.backend``: ``dali`` (asc_dist.data.dali, the only module importing DALI), ``torch``
+(asc_dist.data.torch) or ``auto`` (DALI when importable, else torch, said once on stderr).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+# The submodule asc_dist.data.torch rebinds the name `torch` in this namespace once imported,
+# so the library is only used under an alias here.
+import torch as _torch
+
+from asc_dist.data.manifest import DataError, SplitIndex, load_split
+from asc_dist.data.sharding import eval_steps, train_steps
+
+__all__ = ["Batch", "BatchSource", "DataError", "build_source", "dali_available", "resolve_backend"]
+
+
+@dataclass
+class Batch:
+    features: _torch.Tensor  # [B, 1, n_mels, frames] float32 dB on the training device
+    labels: _torch.Tensor  # [B] int64 on device; -1 = unlabelled / padding
+    keys: list[str]  # sample keys; "" for padding rows
+    valid: _torch.Tensor  # [B] bool on device; False = padding (evaluation only)
+
+
+class BatchSource:
+    """Shared bookkeeping; backends implement :meth:`_epoch` (and :meth:`close`)."""
+
+    backend = "?"
+
+    def __init__(self, cfg: Any, split: str, *, train: bool, rank: int, world_size: int,
+                 device: _torch.device, batch_size: int, seed: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        self.cfg, self.split, self.train = cfg, split, train
+        self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
+        self.device = _torch.device(device)
+        self.index: SplitIndex = load_split(cfg.data.shards, split)
+        self.classes = list(self.index.classes)
+        self.num_samples = self.index.num_samples
+        if train and not self.index.labelled:
+            raise DataError(f"split '{split}' in {cfg.data.shards} is unlabelled: cannot train on it")
+        if train:
+            self.steps_per_epoch = train_steps(self.num_samples, batch_size, world_size)
+            if self.steps_per_epoch == 0:
+                raise DataError(
+                    f"split '{split}' has {self.num_samples} samples, fewer than one global batch "
+                    f"({batch_size} per rank x {world_size} ranks)"
+                )
+        else:
+            self.steps_per_epoch = eval_steps(self.num_samples, batch_size, world_size)
+
+    def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch`` from ``start_step`` on (eval ignores ``epoch``: fixed order)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, not {epoch}")
+        return self._epoch(epoch, start_step)
+
+    def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "train" if self.train else "eval"
+        return (f"{type(self).__name__}({self.split!r}, {mode}, rank {self.rank}/{self.world_size}, "
+                f"batch {self.batch_size}, {self.steps_per_epoch} steps/epoch, {self.device})")
+
+
+_dali_state: dict[str, Any] = {}
+
+
+def dali_available() -> bool:
+    """True when DALI imports here; the reason it does not is kept for error messages."""
+    if "ok" not in _dali_state:
+        try:
+            import nvidia.dali.fn  # noqa: F401
+
+            _dali_state.update(ok=True, why="")
+        except Exception as e:  # noqa: BLE001 - ImportError, or a broken install's OSError etc.
+            _dali_state.update(ok=False, why=f"{type(e).__name__}: {e}")
+    return _dali_state["ok"]
+
+
+def resolve_backend(name: str, *, announce: bool = True) -> str:
+    """``auto`` -> ``dali`` if importable else ``torch`` (one stderr line); ``dali`` must import."""
+    if name == "torch":
+        return "torch"
+    if name == "dali":
+        if not dali_available():
+            raise DataError(
+                "data.backend=dali but NVIDIA DALI cannot be imported "
+                f"({_dali_state['why']}); install nvidia-dali-cuda130 (or -cuda120) or set "
+                "data.backend=torch (or auto)"
+            )
+        return "dali"
+    if name == "auto":
+        if dali_available():
+            return "dali"
+        if announce and not _dali_state.get("announced"):
+            _dali_state["announced"] = True
+            print(f"data.backend=auto: DALI unavailable ({_dali_state['why']}); using the torch "
+                  "backend (webdataset shards + soundfile + torchaudio)", file=sys.stderr, flush=True)
+        return "torch"
+    raise ValueError(f"data.backend={name!r}: must be dali, torch or auto")
+
+
+def build_source(cfg: Any, split: str, *, train: bool, rank: int, world_size: int,
+                 device: _torch.device, batch_size: int, seed: int | None = None) -> BatchSource:
+    """The batch source for ``split`` of ``cfg.data.shards`` on this rank (see module doc)."""
+    seed = int(cfg.train.seed if seed is None else seed)
+    backend = resolve_backend(cfg.data.backend, announce=rank == 0)
+    kw = {"train": train, "rank": rank, "world_size": world_size,
+          "device": _torch.device(device), "batch_size": batch_size, "seed": seed}
+    if backend == "dali":
+        from asc_dist.data.dali import DaliSource
+
+        return DaliSource(cfg, split, **kw)
+    from asc_dist.data.torch import TorchSource
+
+    return TorchSource(cfg, split, **kw)

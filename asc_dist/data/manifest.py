@@ -1,0 +1,256 @@
+"""A packed split as the readers see it: manifest + DALI index files, checked before any read.
+
+Opening a split costs one ``stat`` per tar and a parse of the (small) text indexes, and catches
+most bad data with a message naming the shard and key: a missing or truncated tar (size differs
+from the manifest), an index that disagrees with the manifest, a sample missing a component.
+What only shows while reading (a corrupt tar header, non-WAV bytes) is found by
+:func:`diagnose`, which the backends call to turn a bare library error into one naming the
+shard and key. :func:`verify_checksums` re-hashes every tar (slow; for ``bench``/tools).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(RuntimeError):
+    """Bad or missing shard data; the message names the shard (and the sample key where known)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    path: Path
+    index_path: Path
+    samples: int
+    bytes: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    shard: int  # position in SplitIndex.shards
+    audio: tuple[int, int]  # (data offset, size) of <key>.wav inside the tar
+    label: tuple[int, int]  # (data offset, size) of <key>.i32
+
+
+@dataclass
+class SplitIndex:
+    split: str
+    dir: Path
+    classes: list[str]
+    labelled: bool
+    sample_rate: int
+    shards: list[Shard]
+    samples: list[Sample]  # stored order: shard by shard, as DALI enumerates them
+    audio_ext: str = "wav"
+    label_ext: str = "i32"
+    manifest: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    def where(self, i: int) -> str:
+        s = self.samples[i]
+        return f"shard {self.shards[s.shard].path} (sample key '{s.key}')"
+
+
+def _parse_index(shard: Shard, audio_ext: str, label_ext: str, shard_pos: int) -> list[Sample]:
+    try:
+        lines = shard.index_path.read_text().splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read index {shard.index_path} of shard {shard.path}: {e}") from None
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
+        raise DataError(f"index {shard.index_path} of shard {shard.path}: bad header {lines[:1]!r}")
+    count = int(head[1])
+    body = [line for line in lines[1:] if line.strip()]
+    if count != len(body) or count != shard.samples:
+        raise DataError(
+            f"index {shard.index_path} lists {len(body)} samples (header {count}) but the manifest "
+            f"says shard {shard.path} has {shard.samples}: stale index or manifest; re-pack"
+        )
+    out = []
+    for n, line in enumerate(body, start=2):
+        f = line.split()
+        if len(f) % 4:
+            raise DataError(f"index {shard.index_path}:{n}: expected 'ext offset size name' groups")
+        parts, key = {}, None
+        for ext, off, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4]):
+            parts[ext] = (int(off), int(size))
+            base = name.rsplit("/", 1)[-1]
+            key = key or base.split(".", 1)[0]
+        for ext in (audio_ext, label_ext):
+            if ext not in parts:
+                raise DataError(
+                    f"shard {shard.path}: sample '{key}' has no .{ext} component "
+                    f"(index line {n}; components: {sorted(parts)})"
+                )
+        a_off, a_size = parts[audio_ext]
+        l_off, l_size = parts[label_ext]
+        if l_size != 4:
+            raise DataError(f"shard {shard.path}: sample '{key}' .{label_ext} is {l_size} bytes, not 4")
+        end = max(o + s for o, s in parts.values())
+        if end > shard.bytes:
+            raise DataError(
+                f"shard {shard.path}: sample '{key}' ends at byte {end} past the tar's end "
+                f"({shard.bytes}); truncated or stale index"
+            )
+        out.append(Sample(key=key, shard=shard_pos, audio=(a_off, a_size), label=(l_off, l_size)))
+    return out
+
+
+def load_split(root: str | os.PathLike, split: str) -> SplitIndex:
+    """Read and cross-check ``<root>/<split>/manifest.json``, its tars and index files."""
+    split_dir = Path(root) / split
+    mpath = split_dir / "manifest.json"
+    if not mpath.is_file():
+        raise DataError(
+            f"no manifest at {mpath} (data.shards={root}, split '{split}'): pack the dataset with "
+            f"'python -m asc_dist.pack DATASET {root}'"
+        )
+    try:
+        m = json.loads(mpath.read_text())
+        classes = list(m["classes"])
+        shard_recs = m["shards"]
+        num = int(m["num_samples"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{mpath}: not a shard manifest ({type(e).__name__}: {e})") from None
+    comps = m.get("components") or {}
+    audio_ext = comps.get("audio", "wav")
+    label_ext = comps.get("label_int", "i32")
+    shards = []
+    for rec in shard_recs:
+        path = split_dir / rec["name"]
+        index_path = path.with_suffix(".idx")
+        if not path.is_file():
+            raise DataError(f"shard {path} listed in {mpath} is missing")
+        if not index_path.is_file():
+            raise DataError(f"index {index_path} for shard {path} is missing (re-pack, or run wds2idx)")
+        size = path.stat().st_size
+        if rec.get("bytes") is not None and size != int(rec["bytes"]):
+            raise DataError(
+                f"shard {path} is {size} bytes but {mpath} says {rec['bytes']}: truncated or "
+                f"replaced since packing; re-pack or restore it"
+            )
+        shards.append(Shard(rec["name"], path, index_path, int(rec["samples"]), size, rec.get("sha256")))
+    if not shards:
+        raise DataError(f"{mpath} lists no shards")
+    samples: list[Sample] = []
+    for i, sh in enumerate(shards):
+        samples.extend(_parse_index(sh, audio_ext, label_ext, i))
+    if len(samples) != num:
+        raise DataError(f"{mpath}: num_samples={num} but its shards hold {len(samples)} samples")
+    sr = int((m.get("audio") or {}).get("sample_rate") or 0)
+    return SplitIndex(split=split, dir=split_dir, classes=classes, labelled=bool(m.get("labelled", True)),
+                      sample_rate=sr, shards=shards, samples=samples, audio_ext=audio_ext,
+                      label_ext=label_ext, manifest=m)
+
+
+def verify_checksums(index: SplitIndex) -> None:
+    """Re-hash every tar against the manifest's sha256 (reads everything once)."""
+    for sh in index.shards:
+        if not sh.sha256:
+            continue
+        h = hashlib.sha256()
+        with open(sh.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        if h.hexdigest() != sh.sha256:
+            raise DataError(f"shard {sh.path}: sha256 differs from the manifest; corrupt or replaced")
+
+
+# --------------------------------------------------------------------------- member reads
+
+
+def _header_problem(header: bytes, name: str, size: int) -> str | None:
+    """Why the 512-byte tar header in front of a member is not the one the index promises."""
+    if len(header) < 512:
+        return "tar header cut short (truncated shard)"
+    stored = header[148:156].split(b"\0", 1)[0].strip()
+    try:
+        want = int(stored or b"0", 8)
+    except ValueError:
+        return "corrupt tar header (unreadable checksum)"
+    if sum(header[:148]) + 8 * 32 + sum(header[156:512]) != want:
+        return "corrupt tar header (checksum mismatch)"
+    hname = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    if len(name) < 100 and hname != name:
+        return f"tar header names '{hname}', the index expects '{name}' (stale index?)"
+    field = header[124:136]
+    if not field[0] & 0x80:  # base-256 sizes (huge members) are not ours to check
+        try:
+            hsize = int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return "corrupt tar header (unreadable size)"
+        if hsize != size:
+            return f"tar header size {hsize} != index size {size} (stale index?)"
+    return None
+
+
+def read_member(fd: int, index: SplitIndex, i: int, which: str = "audio", check_header: bool = True,
+                limit: int | None = None) -> bytes:
+    """Bytes of sample ``i``'s audio or label component via ``os.pread`` (no shared file offset);
+    with ``limit``, only its first ``limit`` bytes."""
+    s = index.samples[i]
+    off, size = s.audio if which == "audio" else s.label
+    ext = index.audio_ext if which == "audio" else index.label_ext
+    start = off - 512 if check_header else off
+    end = off + (size if limit is None else min(size, limit))
+    blob = os.pread(fd, end - start, start)
+    if len(blob) != end - start:
+        raise DataError(f"{index.where(i)}: .{ext} cut short at the tar's end (truncated shard)")
+    if check_header:
+        problem = _header_problem(blob[:512], f"{s.key}.{ext}", size)
+        if problem:
+            raise DataError(f"{index.where(i)}: {problem}")
+        blob = blob[512:]
+    return blob
+
+
+def diagnose(index: SplitIndex, sample_ids=None, deep: bool = False) -> str | None:
+    """First problem found in ``sample_ids`` (default all): 'shard X (sample key K): why'.
+
+    Checks what can be checked without decoding: both members' tar headers against the index
+    and the WAV magic, one small read per member. ``deep`` also parses each audio header
+    (soundfile on its first 4 KiB), which finds what makes a decoder give up.
+    """
+    ids = range(index.num_samples) if sample_ids is None else sample_ids
+    fds: dict[int, int] = {}
+    try:
+        for i in ids:
+            sh = index.samples[i].shard
+            if sh not in fds:
+                try:
+                    fds[sh] = os.open(index.shards[sh].path, os.O_RDONLY)
+                except OSError as e:
+                    return f"shard {index.shards[sh].path}: cannot open: {e}"
+            s = index.samples[i]
+            if os.fstat(fds[sh]).st_size < max(s.audio[0] + s.audio[1], s.label[0] + s.label[1]):
+                return f"{index.where(i)}: the tar ends before this sample does (truncated shard)"
+            try:
+                read_member(fds[sh], index, i, "label")
+                head = read_member(fds[sh], index, i, "audio", limit=4096 if deep else 12)
+            except DataError as e:
+                return str(e)
+            if index.audio_ext == "wav" and not (head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE"):
+                return f"{index.where(i)}: .wav component is not a WAV file (starts {head[:12]!r})"
+            if deep:
+                import soundfile as sf
+
+                try:
+                    sf.info(io.BytesIO(head))
+                except Exception as e:  # noqa: BLE001 - libsndfile's errors vary by format
+                    msg = str(e).split(": ", 1)[-1]
+                    return f"{index.where(i)}: unreadable .{index.audio_ext} header ({msg})"
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return None

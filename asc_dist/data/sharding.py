@@ -1,0 +1,87 @@
+"""Who reads what, per rank and epoch: the arithmetic both backends share.
+
+Training: every rank runs ``floor(N / (batch * world))`` steps of full batches from a disjoint
+share; the few samples left over are dropped (a different few each epoch). Evaluation: rank r
+reads the contiguous range ``[N*r//W, N*(r+1)//W)`` (DALI's own shard split) in stored order,
+every rank runs ``ceil(ceil(N/W) / batch)`` steps, and rows past a rank's range are padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def train_steps(num_samples: int, batch_size: int, world_size: int) -> int:
+    return num_samples // (batch_size * world_size)
+
+
+def eval_steps(num_samples: int, batch_size: int, world_size: int) -> int:
+    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
+
+
+def shard_range(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """Sample range DALI's readers give shard ``shard_id`` of ``num_shards`` (same integer formula)."""
+    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 31-bit seed from (seed, epoch, rank, ...): nearby inputs give unrelated streams."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def buffer_shuffle(items: list[int], buffer: int, rng: np.random.Generator) -> list[int]:
+    """webdataset's shuffle: a buffer of ``buffer`` items, each output drawn at random from it.
+
+    Keeps reads near-sequential within a tar while mixing neighbouring samples.
+    """
+    if buffer <= 1:
+        return list(items)
+    out, buf = [], []
+    for x in items:
+        buf.append(x)
+        if len(buf) >= buffer:
+            k = int(rng.integers(len(buf)))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            out.append(buf.pop())
+    while buf:
+        k = int(rng.integers(len(buf)))
+        buf[k], buf[-1] = buf[-1], buf[k]
+        out.append(buf.pop())
+    return out
+
+
+def train_plan(shard_sizes: list[int], *, seed: int, epoch: int, rank: int, world_size: int,
+               batch_size: int, buffer: int) -> list[list[int]]:
+    """Sample ids (stored order numbering) for each training step of ``rank`` in ``epoch``.
+
+    The tar order is shuffled per epoch with a seed all ranks share; all ranks walk the same
+    global stream and each keeps one sample of every ``world_size`` consecutive ones, so shares
+    are disjoint and their sizes differ by at most one; a per-rank shuffle buffer mixes within
+    the share; exactly ``train_steps`` full batches are taken.
+    """
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)]).astype(int)
+    shared = np.random.default_rng(derive_seed(seed, epoch))
+    order = shared.permutation(len(shard_sizes))
+    stream = np.array([i for sh in order for i in range(starts[sh], starts[sh + 1])], dtype=np.int64)
+    # Each run of `world` consecutive stream samples is dealt out one per rank in a random
+    # order: disjoint, equal (+-1) and near-sequential shares that still differ every epoch
+    # (a plain i % world split would pin each sample to one rank when tars hold multiples of world).
+    chunks = -(-len(stream) // world_size)
+    deal = shared.permuted(np.tile(np.arange(world_size), (chunks, 1)), axis=1)[:, rank]
+    pos = np.arange(chunks) * world_size + deal
+    mine = stream[pos[pos < len(stream)]].tolist()
+    rng = np.random.default_rng(derive_seed(seed, epoch, rank + 1))
+    mixed = buffer_shuffle(mine, buffer, rng)
+    steps = train_steps(int(starts[-1]), batch_size, world_size)
+    return [mixed[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
+def eval_plan(num_samples: int, *, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """Per step, ``batch_size`` sample ids of this rank's range; -1 marks a padding row."""
+    lo, hi = shard_range(num_samples, rank, world_size)
+    ids = list(range(lo, hi))
+    steps = eval_steps(num_samples, batch_size, world_size)
+    ids += [-1] * (steps * batch_size - len(ids))
+    return [ids[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
