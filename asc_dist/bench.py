@@ -1,5 +1,8 @@
 """Benchmarks, one subcommand each.
 
+``python -m asc_dist.bench train --shards DIR [--nproc 1,2] [--variants ...]`` runs the real
+trainer under torchrun and reports clips/s, step time, data-wait fraction and DDP scaling.
+
 ``python -m asc_dist.bench data --shards DIR [--split train] [--batches N] [--threads T]
 [--batch-size B] [key=value ...]`` measures the input pipeline (shards -> log-mel batches on
 the device) in clips/s for the DALI backend, the torch backend and a plain webdataset + librosa
@@ -239,6 +242,99 @@ def add_data_parser(sub) -> None:
     p.set_defaults(func=run_data)
 
 
+# --------------------------------------------------------------------------- train
+
+
+def run_trainer(nproc: int, overrides: list[str], run_dir: Path, timeout: float) -> list[dict]:
+    """Run ``asc_dist.train`` under torchrun with ``nproc`` processes; return its metrics.jsonl."""
+    import subprocess
+    import tempfile
+
+    from asc_dist.tracking import read_metrics
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "asc_dist.train", *overrides, f"run_dir={run_dir}", "resume=never"]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    with tempfile.TemporaryFile("w+") as log:
+        p = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        if p.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"trainer failed (exit {p.returncode}): {' '.join(cmd)}\n{log.read()[-3000:]}")
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def summarize_train(records: list[dict], warmup: int) -> dict:
+    """Mean over the logged intervals after the warm-up steps."""
+    rows = [r for r in records if "train/clips_per_s" in r and r["step"] > warmup]
+    if not rows:
+        raise RuntimeError(f"no training intervals logged after step {warmup}: raise --steps")
+    mean = lambda k: sum(r[f"train/{k}"] for r in rows) / len(rows)
+    return {"clips_per_s": mean("clips_per_s"), "step_time": mean("step_time"),
+            "data_wait_frac": mean("data_wait_frac"), "intervals": len(rows)}
+
+
+def run_train(args) -> int:
+    import tempfile
+
+    from asc_dist import config as config_lib
+
+    base = [*args.config, f"data.shards={args.shards}", "wandb.mode=disabled",
+            f"train.log_every={args.log_every}", f"train.max_iters={args.warmup + args.steps}",
+            f"train.ckpt_every={10**9}", f"train.eval_every={10**9}"]
+    variants = [("default", [])]
+    if args.variants:
+        variants = [(v.split(":", 1)[0], [o for o in v.split(":", 1)[1].split(",") if o])
+                    for v in args.variants.split(";")]
+    print(f"machine: {machine()}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="asc-bench-") as tmp:
+        for name, extra in variants:
+            for nproc in [int(n) for n in args.nproc.split(",")]:
+                overrides = [*base, f"train.global_batch={args.batch_per_rank * nproc}", *extra]
+                try:  # fail on a config error here, with the key, not inside torchrun
+                    config_lib.load(overrides, world_size=nproc)
+                except config_lib.ConfigError as e:
+                    print(f"config error: {e}", file=sys.stderr)
+                    return 2
+                run_dir = Path(tmp) / f"{name}-{nproc}"
+                r = summarize_train(run_trainer(nproc, overrides, run_dir, args.timeout), args.warmup)
+                r.update(variant=name, nproc=nproc, per_proc=r["clips_per_s"] / nproc)
+                results.append(r)
+                print(f"  {name:12s} nproc {nproc}: {r['clips_per_s']:8.1f} clips/s "
+                      f"({r['per_proc']:.1f}/process), step {r['step_time'] * 1000:.0f} ms, "
+                      f"data wait {100 * r['data_wait_frac']:.1f}%", flush=True)
+    for name, _ in variants:
+        rows = {r["nproc"]: r for r in results if r["variant"] == name}
+        if 1 in rows:
+            for n, r in sorted(rows.items()):
+                if n > 1:
+                    eff = r["clips_per_s"] / (n * rows[1]["clips_per_s"])
+                    print(f"scaling {name}: {n} processes = {eff * 100:.0f}% of {n}x one process")
+    if args.json:
+        tmp_json = f"{args.json}.tmp"
+        Path(tmp_json).write_text(json.dumps({"machine": machine(), "argv": sys.argv[1:], "results": results}, indent=2))
+        os.replace(tmp_json, args.json)
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="training throughput: clips/s, step time, data wait, DDP scaling",
+                       description="Runs the real trainer (torchrun) for --warmup + --steps iterations per "
+                                   "variant and process count; the per-rank batch is held fixed (weak scaling).")
+    p.add_argument("--shards", required=True, help="root holding <split>/manifest.json")
+    p.add_argument("--steps", type=int, default=20, help="timed iterations (after --warmup)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--log-every", type=int, default=5, help="logging interval = averaging window")
+    p.add_argument("--nproc", default="1,2", help="comma list of process counts")
+    p.add_argument("--batch-per-rank", type=int, default=8)
+    p.add_argument("--variants", default="",
+                   help="'name:key=v,key=v;name2:...' e.g. 'bf16:train.precision=bf16;fp32:train.precision=fp32'")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per trainer run")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("config", nargs="*", help="config YAML files / key=value overrides for every run")
+    p.set_defaults(func=run_train)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -246,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m asc_dist.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_parser(sub)
-    # add_train_parser(sub)  <- the training benchmark registers here
+    add_train_parser(sub)
     return parser
 
 

@@ -1,0 +1,29 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_train_runs_the_real_trainer_and_reports_scaling(packed_shards, tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "asc_dist.bench", "train", "--shards", str(packed_shards),
+         "--nproc", "1,2", "--steps", "4", "--warmup", "2", "--log-every", "2", "--batch-per-rank", "2",
+         "--json", str(out), "conf/smoke.yaml", "data.backend=torch"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "scaling default: 2 processes" in p.stdout
+    results = json.loads(out.read_text())["results"]
+    assert [r["nproc"] for r in results] == [1, 2]
+    for r in results:
+        assert r["clips_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1 and r["intervals"] == 2
+
+
+def test_bench_train_rejects_bad_config_naming_the_key(packed_shards):
+    p = subprocess.run(
+        [sys.executable, "-m", "asc_dist.bench", "train", "--shards", str(packed_shards),
+         "--nproc", "1", "conf/smoke.yaml", "optim.bogus=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "optim.bogus" in p.stderr
