@@ -1,0 +1,199 @@
+"""``python -m asc_dist.evaluate`` on a checkpoint trained here: the report against a direct
+computation from the model's own outputs, images, 1 vs 2 processes, errors that name the cause."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from asc_dist import evaluate as ev
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_STEPS = 6  # conf/smoke.yaml's train.max_iters
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def run(cmd: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=kw.pop("cwd", ROOT), env=kw.pop("env", env()), capture_output=True,
+                          text=True, timeout=timeout, check=False, **kw)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-4000:]}\nSTDERR:\n{p.stderr[-4000:]}"
+    return p
+
+
+def trained_run(tmp_path_factory, shards: Path) -> Path:
+    """A smoke-size run (resnet18, 6 steps) trained once per test session and shared read-only."""
+    run_dir = tmp_path_factory.getbasetemp() / "evaluate-smoke-run"
+    if not (run_dir / "checkpoints" / f"step_{SMOKE_STEPS}.pt").is_file():
+        ok(run([sys.executable, "-m", "asc_dist.train", "conf/smoke.yaml", f"data.shards={shards}",
+                f"run_dir={run_dir}", "data.backend=torch"]))
+    return run_dir
+
+
+def split_clips(split_dir: Path) -> list[dict]:
+    """Every sample of a packed split straight from its tars: key, label, city, waveform."""
+    out = []
+    for tar in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            members = {m.name: t.extractfile(m).read() for m in t.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".wav")):
+            key = name[:-4]
+            wave, _ = sf.read(io.BytesIO(members[name]), dtype="float32")
+            meta = json.loads(members[f"{key}.json"])
+            out.append({"key": key, "label": int(np.frombuffer(members[f"{key}.i32"], "<i4")[0]),
+                        "city": meta["city"], "wave": wave, "wav_bytes": members[name]})
+    return out
+
+
+def direct_logits(checkpoint: Path, waves: list[np.ndarray]) -> tuple[torch.Tensor, list[str]]:
+    """The checkpoint's model applied clip by clip, without the evaluation code."""
+    from asc_dist.config import from_dict
+    from asc_dist.features import LogMel, Standardize, fix_length
+    from asc_dist.model import build_model
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    cfg = from_dict(state["config"])
+    model = build_model(cfg.model, len(state["classes"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    logmel = LogMel(cfg.features)
+    std = Standardize(state["feature_stats"]["mean"], state["feature_stats"]["std"])
+    n = round(cfg.features.clip_seconds * cfg.features.sample_rate)
+    with torch.no_grad():
+        rows = [model(std(logmel(fix_length(torch.from_numpy(w), n))))[0] for w in waves]
+    return torch.stack(rows).double(), list(state["classes"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, packed_shards) -> Path:
+    return trained_run(tmp_path_factory, packed_shards)
+
+
+@pytest.fixture(scope="module")
+def single_report(run_dir, packed_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval-single")
+    assert ev.main([str(run_dir), "--split", str(packed_shards / "test"), "--out", str(out),
+                    "--backend", "torch", "--quiet"]) == 0
+    return out
+
+
+def test_report_equals_direct_computation_from_the_models_outputs(run_dir, packed_shards, single_report):
+    report = json.loads((single_report / "report.json").read_text())
+    clips = split_clips(packed_shards / "test")
+    logits, classes = direct_logits(run_dir / "checkpoints" / f"step_{SMOKE_STEPS}.pt",
+                                     [c["wave"] for c in clips])
+    labels = np.array([c["label"] for c in clips])
+    preds = logits.argmax(1).numpy()
+    c = len(classes)
+    confusion = np.zeros((c, c), dtype=int)
+    np.add.at(confusion, (labels, preds), 1)
+    per_class = {cls: float(np.mean(preds[labels == i] == i)) for i, cls in enumerate(classes)
+                 if (labels == i).any()}
+    nll = float(-logits.log_softmax(1)[torch.arange(len(labels)), torch.from_numpy(labels)].mean())
+
+    assert report["count"] == len(clips) == 20
+    assert report["confusion"] == confusion.tolist()
+    assert report["accuracy"] == pytest.approx(float(np.mean(preds == labels)), abs=1e-12)
+    assert report["classwise_accuracy"] == pytest.approx(float(np.mean(list(per_class.values()))), abs=1e-12)
+    assert {k: v for k, v in report["per_class"].items() if v is not None} == pytest.approx(per_class)
+    assert report["log_loss"] == pytest.approx(nll, rel=1e-5)
+    for city in {x["city"] for x in clips}:
+        mask = np.array([x["city"] == city for x in clips])
+        got = report["breakdowns"]["city"][city]
+        assert got["count"] == mask.sum()
+        assert got["accuracy"] == pytest.approx(float(np.mean(preds[mask] == labels[mask])))
+    assert report["step"] == SMOKE_STEPS and report["processes"] == 1
+    assert report["checkpoint"].endswith(f"step_{SMOKE_STEPS}.pt")
+
+
+def test_report_files_are_written_and_readable(single_report):
+    for name in ("confusion.png", "per_class.png"):
+        data = (single_report / name).read_bytes()
+        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", name
+    md = (single_report / "report.md").read_text()
+    report = json.loads((single_report / "report.json").read_text())
+    assert f"class-wise accuracy: {report['classwise_accuracy']:.4f}" in md
+    assert "| city |" in md and "step 6" in md
+    assert not list(single_report.glob("*.tmp*"))
+
+
+def test_two_processes_give_the_single_process_report(run_dir, packed_shards, single_report, tmp_path):
+    out = tmp_path / "dist"
+    # Batch 3 per rank: 20 clips over 2 ranks leaves padding rows that must not be counted.
+    ok(run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "asc_dist.evaluate", str(run_dir / "checkpoints" / f"step_{SMOKE_STEPS}.pt"),
+            "--split", str(packed_shards / "test"), "--out", str(out), "--backend", "torch",
+            "--batch-size", "3", "--quiet"]))
+    dist_report = json.loads((out / "report.json").read_text())
+    single = json.loads((single_report / "report.json").read_text())
+    assert dist_report["processes"] == 2
+    for key in ("count", "confusion", "class_counts", "per_class", "classwise_accuracy", "accuracy",
+                "breakdowns"):
+        assert dist_report[key] == single[key], key
+    assert dist_report["log_loss"] == pytest.approx(single["log_loss"], rel=1e-6)
+
+
+def test_default_split_and_out_come_from_the_run(run_dir, single_report, capsys):
+    # A run dir resolves to its newest checkpoint; the split is the run's test split.
+    assert ev.main([str(run_dir), "--backend", "torch", "--quiet"]) == 0
+    out = run_dir / "eval" / f"test-step{SMOKE_STEPS}"
+    assert json.loads((out / "report.json").read_text())["confusion"] == \
+        json.loads((single_report / "report.json").read_text())["confusion"]
+    assert "class-wise accuracy" in capsys.readouterr().out
+
+
+def test_bad_inputs_fail_with_a_message_naming_the_cause(run_dir, tmp_path, capsys):
+    assert ev.main([str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert ev.main([str(run_dir), "features.n_mels=32"]) == 2
+    assert "features.n_mels is fixed by the checkpoint" in capsys.readouterr().err
+    assert ev.main([str(run_dir), "data.no_such_key=1"]) == 2
+    assert "data.no_such_key" in capsys.readouterr().err
+    (tmp_path / "notasplit").mkdir()
+    assert ev.main([str(run_dir), "--split", str(tmp_path / "notasplit"), "--quiet"]) == 1
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_feature_stats_from_checkpoint_or_training_shards(run_dir, packed_shards, tmp_path):
+    state = torch.load(run_dir / "checkpoints" / f"step_{SMOKE_STEPS}.pt", weights_only=True)
+    kept = state.pop("feature_stats")
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    # Without stored stats: recomputed from (cached beside) the training shards, the same numbers.
+    r = ev.restore(old)
+    assert torch.allclose(r.standardize.mean.flatten(), kept["mean"])
+    # ... and without the shards either, the error says what is missing and how to fix it.
+    from asc_dist.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="feature_stats.*data.shards="):
+        ev.restore(old, overrides=[f"data.shards={tmp_path / 'nowhere'}"])
+
+
+@pytest.mark.gpu
+def test_cuda_evaluation_matches_cpu(run_dir, packed_shards, single_report, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out = tmp_path / "gpu"
+    assert ev.main([str(run_dir), "--split", str(packed_shards / "test"), "--out", str(out),
+                    "--backend", "torch", "--device", "cuda", "train.precision=fp32", "--quiet"]) == 0
+    gpu = json.loads((out / "report.json").read_text())
+    cpu = json.loads((single_report / "report.json").read_text())
+    assert gpu["device"] == "cuda" and gpu["count"] == cpu["count"]
+    assert gpu["log_loss"] == pytest.approx(cpu["log_loss"], rel=1e-3)
