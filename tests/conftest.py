@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny synthetic TUT-layout datasets and shards packed from them.
+
+Session-scoped fixtures (build once, treat as read-only):
+  synth_dataset  -> Path of a TUT 2018 layout dataset: 10 scenes x 4 clips, 1 s, 16 kHz,
+                    stereo 24-bit WAV (fold 1: 20 train / 20 test clips, split by location)
+  packed_shards  -> Path of OUT_DIR packed from it at 16 kHz mono PCM_24, shard_max_samples=4:
+                    OUT_DIR/train/ (20 samples, 5 shards) and OUT_DIR/test/ (20 samples, 5 shards)
+
+For variants call ``make_dataset`` / ``make_shards`` (importable: ``from conftest import
+make_shards``) with your own tmp dir, or use the ``shard_factory`` fixture.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from asc_dist import pack as _pack
+from asc_dist import synth as _synth
+
+FIXTURE_SAMPLE_RATE = 16000
+
+
+def make_dataset(
+    out_dir: str | Path,
+    clips_per_class: int = 4,
+    duration: float = 1.0,
+    sample_rate: int = FIXTURE_SAMPLE_RATE,
+    seed: int = 0,
+    channels: int = 2,
+    **kw,
+) -> Path:
+    """A synthetic TUT-2018-layout dataset in ``out_dir`` (see asc_dist.synth.generate)."""
+    return _synth.generate(
+        out_dir, clips_per_class=clips_per_class, duration=duration, sample_rate=sample_rate,
+        seed=seed, channels=channels, progress=False, **kw,
+    )
+
+
+def make_shards(
+    tmp_dir: str | Path,
+    clips_per_class: int = 4,
+    duration: float = 1.0,
+    sample_rate: int = FIXTURE_SAMPLE_RATE,
+    shard_max_samples: int | None = 4,
+    seed: int = 0,
+    workers: int = 1,
+    dataset: str | Path | None = None,
+    **pack_kw,
+) -> Path:
+    """Synthesise (unless ``dataset`` is given) and pack; returns OUT_DIR (train/ and test/).
+
+    The dataset goes to ``tmp_dir/dataset``, shards to ``tmp_dir/shards``; shards are stored at
+    ``sample_rate`` (the source rate too, so nothing is resampled).
+    """
+    tmp_dir = Path(tmp_dir)
+    if dataset is None:
+        dataset = make_dataset(tmp_dir / "dataset", clips_per_class, duration, sample_rate, seed)
+    out = tmp_dir / "shards"
+    _pack.pack(
+        dataset, out, sample_rate=sample_rate, shard_max_samples=shard_max_samples, seed=seed,
+        workers=workers, progress=False, verbose=False, **pack_kw,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("synth") / "dataset")
+
+
+@pytest.fixture(scope="session")
+def packed_shards(tmp_path_factory, synth_dataset) -> Path:
+    return make_shards(tmp_path_factory.mktemp("packed"), dataset=synth_dataset)
+
+
+@pytest.fixture
+def shard_factory(tmp_path):
+    """``shard_factory(**make_shards_kwargs) -> OUT_DIR`` in this test's tmp dir."""
+    n = [0]
+
+    def factory(**kw) -> Path:
+        n[0] += 1
+        return make_shards(tmp_path / f"variant{n[0]}", **kw)
+
+    return factory
