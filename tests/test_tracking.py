@@ -117,10 +117,10 @@ def test_resume_keeps_run_id_and_appends(tmp_path):
 
 def test_unreachable_online_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "1")
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="asc_dist.tracking"):
-        tracker = Tracker(make_cfg(run_dir, "wandb.mode=online"), run_dir, enabled=True)
+        tracker = Tracker(make_cfg(run_dir, "wandb.mode=online", "wandb.init_timeout=1"), run_dir,
+                          enabled=True)
         assert tracker.run_id is None
         tracker.log(1, {"train/loss": 1.0})
         tracker.log_eval(1, eval_report(), CLASSES)

@@ -221,6 +221,17 @@ def test_wandb_offline_history_and_run_id_survive_resume(packed_shards, tmp_path
     assert config["model"]["name"] == "resnet18"
 
 
+def test_unreachable_wandb_server_does_not_stop_training(packed_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    e = dict(env(), WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="x" * 40)
+    p = subprocess.run([sys.executable] + TRAIN + overrides(
+        packed_shards, run_dir, "wandb.mode=online", "wandb.init_timeout=2", "train.max_iters=2",
+        "train.global_batch=2"), cwd=ROOT, env=e, capture_output=True, text=True, timeout=240)
+    ok(p)
+    assert "W&B" in p.stderr  # one warning says W&B is off
+    assert model_state(run_dir / "checkpoints" / "step_2.pt")["wandb_id"] is None
+
+
 def test_config_errors_fail_before_any_process_group(packed_shards, tmp_path):
     p = torchrun(2, overrides(packed_shards, tmp_path / "run", "train.global_batch=3"), timeout=120)
     assert p.returncode != 0
