@@ -686,6 +686,7 @@ def pack(
     overwrite: bool = False,
     csv_path: str | Path | None = None,
     split: str | None = None,
+    only: list[str] | None = None,
     classes: str | list[str] | None = None,
     expect_sample_rate: int | None = None,
     expect_duration: float | None = None,
@@ -712,6 +713,12 @@ def pack(
             labels = {e.label for sp in splits for e in sp.entries if e.label is not None}
         class_list = sorted(labels)
     _check_lists(splits, class_list, meta)
+    if only:  # after the checks above, so every subset gets the same class list
+        unknown = sorted(set(only) - {sp.name for sp in splits})
+        if unknown:
+            raise PackError(f"--splits {','.join(unknown)}: not in this dataset (it has "
+                            f"{', '.join(sp.name for sp in splits)})")
+        splits = [sp for sp in splits if sp.name in only]
     targets = [out / sp.name for sp in splits]
     for t in targets:
         if t.exists() and not overwrite:
@@ -793,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fold", type=int, default=1)
     ap.add_argument("--csv", dest="csv_path", help="CSV list for --layout csv (default: the one *.csv in DATASET_DIR)")
     ap.add_argument("--split", help="split name for csv / unlabelled folders (default train / eval)")
+    ap.add_argument("--splits", help="comma list: pack only these splits (e.g. one per array task); "
+                    "default all")
     ap.add_argument("--classes", help="class list: comma-separated, a text file, or a manifest.json "
                     "(default: the labels found in meta.csv and the lists)")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="decode/convert processes")
@@ -816,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
             on_error=a.on_error, sample_rate=a.sample_rate, keep_channels=a.keep_channels,
             subtype=a.subtype, shard_size_mb=a.shard_size_mb, shard_max_samples=a.shard_max_samples,
             seed=a.seed, overwrite=a.overwrite, csv_path=a.csv_path, split=a.split,
+            only=a.splits.split(",") if a.splits else None,
             classes=a.classes, expect_sample_rate=a.expect_sample_rate,
             expect_duration=a.expect_duration, progress=not a.no_progress,
         )

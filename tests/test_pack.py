@@ -600,3 +600,15 @@ def test_long_keys_index_offsets(tmp_path):
     got = {json.loads(bytes(np.array(meta.at(i))))["key"]: bytes(np.array(wav.at(i))) for i in range(2)}
     assert got == by_tar and len(got) == 2
     assert Path(tars[0]).read_bytes() == _retar(Path(tars[0]))  # LongLink headers included
+
+
+def test_splits_option_packs_a_subset_with_the_full_class_list(synth_dataset, packed_shards, tmp_path):
+    out = tmp_path / "out"
+    P.pack(synth_dataset, out, sample_rate=16000, shard_max_samples=4, only=["test"], workers=1,
+           progress=False, verbose=False)
+    assert not (out / "train").exists()
+    mine = json.loads((out / "test" / "manifest.json").read_text())
+    full = json.loads((packed_shards / "test" / "manifest.json").read_text())
+    assert mine["classes"] == full["classes"] and mine["shards"] == full["shards"]
+    with pytest.raises(P.PackError, match="--splits valid: not in this dataset"):
+        P.pack(synth_dataset, tmp_path / "o2", only=["valid"], progress=False, verbose=False)

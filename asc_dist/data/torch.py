@@ -11,6 +11,7 @@ Errors name the shard and key (the webdataset ``__url__``/``__key__``).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -90,6 +91,10 @@ def _collate(items):
 
 def _worker_init(_):
     torch.set_num_threads(1)  # one decode per worker process; threads would only contend
+    # torchrun and SLURM signal the whole process group: a stop signal is the trainer's to
+    # handle (checkpoint at the next step), and a worker killed by it would fail the run instead.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class TorchSource(BatchSource):
