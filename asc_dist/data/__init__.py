@@ -100,7 +100,7 @@ def dali_available() -> bool:
     """True when DALI imports here; the reason it does not is kept for error messages."""
     if "ok" not in _dali_state:
         try:
-            import nvidia.dali.fn  # noqa: F401
+            import asc_dist.data.dali  # noqa: F401 - the one module that imports DALI
 
             _dali_state.update(ok=True, why="")
         except Exception as e:  # noqa: BLE001 - ImportError, or a broken install's OSError etc.
