@@ -114,6 +114,8 @@ def wrap_model(model: nn.Module, env: DistEnv, *, sync_bn: bool = False) -> nn.M
     if not env.distributed:
         return model
     if sync_bn:
+        if env.device.type != "cuda":
+            raise ValueError("train.sync_bn=true needs CUDA (SyncBatchNorm has no CPU/gloo kernel)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)

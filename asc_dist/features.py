@@ -235,8 +235,13 @@ def load_or_compute_stats(cfg: Any, *, device: torch.device | None = None,
         "frames_counted": count, "mean": mean.tolist(), "std": std.tolist(),
     }
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:  # read-only dataset storage: the run still has them (and checkpoints keep them)
+        print(f"warning: cannot cache feature statistics at {path} ({e}); computed again next run",
+              file=sys.stderr, flush=True)
+        return mean, std
     if progress:
         print(f"feature statistics: {path} ({count} frames, {time.perf_counter() - t0:.1f} s)", flush=True)
     return mean, std

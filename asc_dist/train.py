@@ -66,7 +66,6 @@ class Parts:
 
 
 def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     per_rank = cfg.train.global_batch // env.world_size
     sources = [build_source(cfg, split, train=is_train, rank=env.rank, world_size=env.world_size,
                             device=env.device, batch_size=per_rank, seed=cfg.train.seed)
@@ -82,6 +81,9 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
         dist.barrier()
         if not env.is_main:
             stats = load_or_compute_stats(cfg, device=env.device, progress=False)
+    # Seeded here, after the data work (loaders draw from the global RNG): identical initial
+    # weights on every rank, whether or not this run had to compute the feature statistics.
+    torch.manual_seed(cfg.train.seed)
     model = prepare_model(build_model(cfg.model, len(classes)), cfg.model, env.device)
     model = dist.wrap_model(model, env, sync_bn=cfg.train.sync_bn)
     optimizer = build_optimizer(cfg.optim, model.parameters())
@@ -120,6 +122,11 @@ def resume(cfg: DictConfig, p: Parts, ckpt: Checkpointer, is_main: bool) -> tupl
     p.optimizer.load_state_dict(state["optimizer"])
     p.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    saved = state.get("data", {}).get("steps_per_epoch")
+    if is_main and saved not in (None, p.train_src.steps_per_epoch):
+        print(f"warning: {path} was trained with {saved} steps per epoch, this run has "
+              f"{p.train_src.steps_per_epoch} (world size or train.global_batch changed): training "
+              f"continues, but its data order is no longer the uninterrupted run's", file=sys.stderr, flush=True)
     if is_main:
         print(f"resumed from {path} at step {state['step']}", flush=True)
     return state["step"], state["best_metric"], state.get("wandb_id")
@@ -129,12 +136,12 @@ def train_step(p: Parts, batch, step: int, mix_gen: torch.Generator, grad_clip: 
     with p.autocast:
         x, y = p.mixup(p.standardize(batch.features), batch.labels, generator=mix_gen)
         loss = p.loss_fn(p.model(x), y)
+    p.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # queued before the host reads the loss, so the GPU is not left idle
     loss_value = loss.item()
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step}; stopping. "
                                  f"Try a lower optim.lr or train.grad_clip > 0.")
-    p.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(p.model.parameters(), grad_clip)
     p.optimizer.step()
@@ -146,7 +153,9 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
     run_dir, tc = Path(cfg.run_dir), cfg.train
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(config_lib.to_yaml(cfg))
+        tmp.replace(run_dir / "config.yaml")
     p = build(cfg, env)
     ckpt = Checkpointer(run_dir, keep_last=tc.keep_last, is_writer=env.is_main)
     start, best, wandb_id = resume(cfg, p, ckpt, env.is_main)

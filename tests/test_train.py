@@ -258,3 +258,11 @@ def test_demo_config_runs_at_reduced_size(tmp_path):
                     "data.backend=auto")))
     assert "class-wise accuracy" in p.stdout.lower()
     assert model_state(tmp_path / "run" / "checkpoints" / "step_2.pt")["model_name"] == "resnet50"
+
+
+def test_resume_with_another_batch_size_warns_that_the_data_order_changes(packed_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    ok(single(overrides(packed_shards, run_dir, "train.global_batch=2", "train.max_iters=2")))
+    p = ok(single(overrides(packed_shards, run_dir, "train.global_batch=4", "train.max_iters=3")))
+    assert "10 steps per epoch, this run has 5" in p.stderr
+    assert "at step 2" in p.stdout

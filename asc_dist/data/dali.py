@@ -181,14 +181,19 @@ class DaliSource(BatchSource):
     # -- batches -----------------------------------------------------------------------------
 
     def _to_torch(self, feats, labels, info, first_row: int, count: int) -> Batch:
-        out = torch.empty((self.batch_size, 1, int(self.cfg.features.n_mels), int(self.cfg.features.frames)),
-                          dtype=torch.float32, device=self.device)
+        shape = (self.batch_size, 1, int(self.cfg.features.n_mels), int(self.cfg.features.frames))
         if self.gpu:
             # Copy on a side stream and wait for it alone: DALI may reuse this output buffer
             # once we call run() again, and syncing the training stream would stall the step.
+            # The buffer is allocated on that stream too, so the caching allocator cannot hand
+            # us a block that kernels queued on the training stream still use.
+            with torch.cuda.stream(self._copy_stream):
+                out = torch.empty(shape, dtype=torch.float32, device=self.device)
             feed_ndarray(feats.as_tensor(), out, cuda_stream=self._copy_stream)
             self._copy_stream.synchronize()
+            out.record_stream(torch.cuda.current_stream(self.device))
         else:
+            out = torch.empty(shape, dtype=torch.float32, device=self.device)
             feed_ndarray(feats.as_tensor(), out)
         lab = np.asarray(labels.as_tensor()).reshape(-1).astype(np.int64)
         keys = _keys(info)
