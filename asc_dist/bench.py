@@ -9,7 +9,7 @@ the device) in clips/s for the DALI backend, the torch backend and a plain webda
 loader over the same shards with the same thread count, in one run, and prints the ratios. With
 CUDA it also measures the GPU paths (log-mel on the GPU). Results: BENCHMARKS.md.
 
-To add a subcommand (e.g. ``train``): write ``add_<name>_parser(subparsers)`` that registers
+To add a subcommand: write ``add_<name>_parser(subparsers)`` that registers
 its arguments and ``set_defaults(func=run_<name>)``, and call it in :func:`build_parser`.
 ``run_<name>(args) -> int`` does the work.
 """

@@ -279,7 +279,3 @@ def prepare_model(model: nn.Module, cfg_model: Any, device: torch.device | str) 
     if _cfg(cfg_model, "compile", False):
         model.compile()
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

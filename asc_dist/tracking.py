@@ -272,7 +272,7 @@ class ProgressLogger:
     included). On print steps it returns the window's aggregates for the tracker, else None.
     """
 
-    def __init__(self, total_steps: int, *, every: int, enabled: bool, start_step: int = 0) -> None:
+    def __init__(self, total_steps: int, *, every: int, enabled: bool) -> None:
         self.total = total_steps
         self.every = max(1, every)
         self.enabled = enabled

@@ -160,7 +160,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
     ckpt = Checkpointer(run_dir, keep_last=tc.keep_last, is_writer=env.is_main)
     start, best, wandb_id = resume(cfg, p, ckpt, env.is_main)
     tracker = Tracker(cfg, run_dir, enabled=env.is_main, resume_id=wandb_id)
-    progress = ProgressLogger(tc.max_iters, every=tc.log_every, enabled=env.is_main, start_step=start)
+    progress = ProgressLogger(tc.max_iters, every=tc.log_every, enabled=env.is_main)
     groups = sample_groups(cfg, cfg.data.test_split)
     stop = dist.StopSignal()
     mix_gen = torch.Generator(device=env.device)

@@ -4,7 +4,7 @@
 # GPU, 1 process without a GPU), e.g.
 #   bash launch/single_node.sh conf/data/tut2018.yaml conf/experiment/focal_mixup.yaml wandb.mode=online
 # Rerunning the same command resumes the run (runs/<name>/checkpoints/latest). SIGTERM/SIGINT
-# (Ctrl-C) make every rank checkpoint at the same step and exit (torchrun then reports exit 3).
+# (Ctrl-C) make every rank checkpoint at the same step and exit (non-zero: stopped early, rerun to resume).
 #   ASC_PYTHON=path       python of the venv (default: .venv/bin/python; make it: bash launch/setup.sh)
 #   ASC_NPROC_PER_NODE=N  same as --nproc
 set -euo pipefail

@@ -152,7 +152,7 @@ def test_disabled_and_non_main_rank(tmp_path):
 
 
 def test_progress_logger_prints_every_n_and_aggregates(capsys):
-    progress = ProgressLogger(100, every=4, enabled=True, start_step=92)
+    progress = ProgressLogger(100, every=4, enabled=True)
     outs = [
         progress.update(s, loss=float(s), lr=1e-3, clips=64, data_wait_s=0.1, step_s=0.5)
         for s in range(93, 101)

@@ -126,7 +126,7 @@ def resolve_backend(name: str, *, announce: bool = True) -> str:
         if announce and not _dali_state.get("announced"):
             _dali_state["announced"] = True
             print(f"data.backend=auto: DALI unavailable ({_dali_state['why']}); using the torch "
-                  "backend (webdataset shards + soundfile + torchaudio)", file=sys.stderr, flush=True)
+                  "backend (soundfile + torchaudio in DataLoader workers)", file=sys.stderr, flush=True)
         return "torch"
     raise ValueError(f"data.backend={name!r}: must be dali, torch or auto")
 

@@ -5,12 +5,11 @@ most bad data with a message naming the shard and key: a missing or truncated ta
 from the manifest), an index that disagrees with the manifest, a sample missing a component.
 What only shows while reading (a corrupt tar header, non-WAV bytes) is found by
 :func:`diagnose`, which the backends call to turn a bare library error into one naming the
-shard and key. :func:`verify_checksums` re-hashes every tar (slow; for ``bench``/tools).
+shard and key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -152,19 +151,6 @@ def load_split(root: str | os.PathLike, split: str) -> SplitIndex:
     return SplitIndex(split=split, dir=split_dir, classes=classes, labelled=bool(m.get("labelled", True)),
                       sample_rate=sr, shards=shards, samples=samples, audio_ext=audio_ext,
                       label_ext=label_ext, manifest=m)
-
-
-def verify_checksums(index: SplitIndex) -> None:
-    """Re-hash every tar against the manifest's sha256 (reads everything once)."""
-    for sh in index.shards:
-        if not sh.sha256:
-            continue
-        h = hashlib.sha256()
-        with open(sh.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        if h.hexdigest() != sh.sha256:
-            raise DataError(f"shard {sh.path}: sha256 differs from the manifest; corrupt or replaced")
 
 
 # --------------------------------------------------------------------------- member reads

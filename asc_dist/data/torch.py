@@ -5,7 +5,8 @@ random access through their DALI index (``os.pread`` of one member, its tar head
 so the per-epoch plan of :mod:`asc_dist.data.sharding` is followed exactly whatever the worker
 count, and resuming at ``start_step`` reads nothing it skips. Workers decode (and on CPU also
 compute the log-mel, so it overlaps the training step); with CUDA the log-mel runs on the GPU.
-Errors name the shard and key (the webdataset ``__url__``/``__key__``).
+Errors name the shard and the sample key. (webdataset itself reads the same shards in the
+benchmark baseline and the tests; this backend needs only the index to read them.)
 """
 
 from __future__ import annotations
