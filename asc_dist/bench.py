@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asc_dist import atomic
+
 # --------------------------------------------------------------------------- data
 
 
@@ -220,9 +222,7 @@ def run_data(args) -> int:
     if args.json:
         record = {"machine": machine(), "argv": sys.argv[1:], "results": results,
                   "threads": args.threads, "batch_size": args.batch_size}
-        tmp = f"{args.json}.tmp"
-        Path(tmp).write_text(json.dumps(record, indent=2))
-        os.replace(tmp, args.json)
+        atomic.write_text(args.json, json.dumps(record, indent=2))
     return 0
 
 
@@ -311,9 +311,8 @@ def run_train(args) -> int:
                     eff = r["clips_per_s"] / (n * rows[1]["clips_per_s"])
                     print(f"scaling {name}: {n} processes = {eff * 100:.0f}% of {n}x one process")
     if args.json:
-        tmp_json = f"{args.json}.tmp"
-        Path(tmp_json).write_text(json.dumps({"machine": machine(), "argv": sys.argv[1:], "results": results}, indent=2))
-        os.replace(tmp_json, args.json)
+        atomic.write_text(args.json, json.dumps({"machine": machine(), "argv": sys.argv[1:], "results": results},
+                                                indent=2))
     return 0
 
 

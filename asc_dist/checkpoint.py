@@ -25,38 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from asc_dist import atomic
+
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, read, or used by this run; the message names the file."""
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename itself is only durable once the directory entry is flushed.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def _step_of(path: Path) -> int | None:
@@ -91,9 +66,9 @@ class Checkpointer:
             raise CheckpointError(f"failed to save checkpoint {path}: {e}") from e
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.dir)
+        atomic.fsync_dir(self.dir)
         # The pointer moves only after the file is complete: a reader never sees a half save.
-        _atomic_write_bytes(self.dir / "latest", f"{path.name}\n".encode())
+        atomic.write_bytes(self.dir / "latest", f"{path.name}\n".encode())
         if best:
             self._link_best(path)
         self._prune(step)
@@ -114,7 +89,7 @@ class Checkpointer:
             os.replace(tmp, best)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.dir)
+        atomic.fsync_dir(self.dir)
 
     def _prune(self, current: int) -> None:
         # Saves newer than `current` belong to a timeline abandoned by a resume from an older

@@ -32,8 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+from asc_dist import atomic, dist
 from asc_dist import config as config_lib
-from asc_dist import dist
 from asc_dist.checkpoint import Checkpointer, CheckpointError, check_compatible
 from asc_dist.checkpoint import load as load_checkpoint
 from asc_dist.metrics import ClassificationMeter, format_report, plot_confusion, plot_per_class
@@ -90,12 +90,9 @@ def write_report_files(out: Path, report: dict, classes: list[str], title: str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("report.json", "report.md", "confusion.png", "per_class.png")}
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(paths["report.json"])
-    tmp = out / "report.md.tmp"
-    tmp.write_text(f"# {title}\n\n{preamble + chr(10) if preamble else ''}{format_report(report, classes)}\n")
-    tmp.replace(paths["report.md"])
+    atomic.write_text(paths["report.json"], json.dumps(report, indent=2))
+    atomic.write_text(paths["report.md"],
+                      f"# {title}\n\n{preamble + chr(10) if preamble else ''}{format_report(report, classes)}\n")
     plot_confusion(report, classes, paths["confusion.png"])
     plot_per_class(report, classes, paths["per_class.png"])
     return paths

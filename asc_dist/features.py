@@ -32,6 +32,8 @@ import torch
 import torchaudio
 from torch import nn
 
+from asc_dist import atomic
+
 STATS_VERSION = 1
 
 
@@ -234,10 +236,8 @@ def load_or_compute_stats(cfg: Any, *, device: torch.device | None = None,
         "features": _settings(cfg.features),
         "frames_counted": count, "mean": mean.tolist(), "std": std.tolist(),
     }
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(record, indent=1))
     except OSError as e:  # read-only dataset storage: the run still has them (and checkpoints keep them)
         print(f"warning: cannot cache feature statistics at {path} ({e}); computed again next run",
               file=sys.stderr, flush=True)

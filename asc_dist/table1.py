@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from asc_dist import atomic
 from asc_dist.config import CONF_DIR
 
 ROOT = CONF_DIR.parent
@@ -233,20 +234,14 @@ def render(runs: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines) + "\n", rows_out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def collect(run_dirs: list[str | Path], out: str | Path) -> tuple[str, list[dict]]:
     """Write ``out`` (markdown) and ``out`` with .json; returns (markdown, rows)."""
     runs = [read_run(d) for d in expand_run_dirs(run_dirs)]
     text, rows = render(runs)
     out = Path(out)
-    _atomic_write(out, text)
-    _atomic_write(out.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out, text)
+    atomic.write_text(out.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
     return text, rows
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from asc_dist import atomic, dist
 from asc_dist import config as config_lib
-from asc_dist import dist
 from asc_dist.checkpoint import Checkpointer, check_compatible, rng_state, set_rng_state
 from asc_dist.data import build_source
 from asc_dist.evaluate import evaluate, sample_groups, write_report
@@ -153,9 +153,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
     run_dir, tc = Path(cfg.run_dir), cfg.train
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(config_lib.to_yaml(cfg))
-        tmp.replace(run_dir / "config.yaml")
+        atomic.write_text(run_dir / "config.yaml", config_lib.to_yaml(cfg))
     p = build(cfg, env)
     ckpt = Checkpointer(run_dir, keep_last=tc.keep_last, is_writer=env.is_main)
     start, best, wandb_id = resume(cfg, p, ckpt, env.is_main)
