@@ -99,27 +99,14 @@ def test_multi_node_names_what_is_missing():
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_single_node_stop_signal_then_resume(packed_shards, tmp_path, backend):
     run_dir = tmp_path / "run"
-    p = subprocess.Popen(
-        [
-            "bash",
-            "launch/single_node.sh",
-            "--nproc",
-            "2",
-            *smoke(
-                packed_shards,
-                run_dir,
-                f"data.backend={backend}",
-                "train.max_iters=200",
-                "train.ckpt_every=1000",
-                "train.eval_every=1000",
-            ),
-        ],
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+
+    def launch(max_iters: int) -> list[str]:
+        return ["bash", "launch/single_node.sh", "--nproc", "2",
+                *smoke(packed_shards, run_dir, f"data.backend={backend}", f"train.max_iters={max_iters}",
+                       "train.ckpt_every=1000", "train.eval_every=1000")]
+
+    p = subprocess.Popen(launch(200), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
     out = []
     for line in p.stdout:
         out.append(line)
@@ -134,27 +121,8 @@ def test_single_node_stop_signal_then_resume(packed_shards, tmp_path, backend):
     stopped = int(m.group(1))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped}.pt"
 
-    q = subprocess.run(
-        [
-            "bash",
-            "launch/single_node.sh",
-            "--nproc",
-            "2",
-            *smoke(
-                packed_shards,
-                run_dir,
-                f"data.backend={backend}",
-                f"train.max_iters={stopped + 2}",
-                "train.ckpt_every=1000",
-                "train.eval_every=1000",
-            ),
-        ],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    q = subprocess.run(launch(stopped + 2), cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=240)
     assert q.returncode == 0, q.stdout[-4000:] + q.stderr[-4000:]
     assert "[single_node] 2 process(es)" in q.stderr
     assert (
