@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asc_dist import atomic
+from asc_dist import atomic, torchrun
 
 # --------------------------------------------------------------------------- data
 
@@ -95,7 +95,7 @@ def time_librosa(cfg, split: str, batches: int, batch_size: int, threads: int, w
     from torch.utils.data import DataLoader
 
     from asc_dist.data.manifest import load_split
-    from asc_dist.features import clip_samples
+    from asc_dist.frontend import clip_samples
 
     index = load_split(cfg.data.shards, split)
     urls = [str(s.path) for s in index.shards]
@@ -252,8 +252,7 @@ def run_trainer(nproc: int, overrides: list[str], run_dir: Path, timeout: float)
 
     from asc_dist.tracking import read_metrics
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "asc_dist.train", *overrides, f"run_dir={run_dir}", "resume=never"]
+    cmd = torchrun.command([*overrides, f"run_dir={run_dir}", "resume=never"], nproc=nproc)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with tempfile.TemporaryFile("w+") as log:
         p = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)

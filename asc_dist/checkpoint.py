@@ -26,12 +26,10 @@ import numpy as np
 import torch
 
 from asc_dist import atomic
+from asc_dist.atomic import NoSpaceError
+from asc_dist.errors import CheckpointError
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written, read, or used by this run; the message names the file."""
 
 
 def _step_of(path: Path) -> int | None:
@@ -55,24 +53,28 @@ class Checkpointer:
             return None
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step_{step}.pt"
-        tmp = self.dir / f".{path.name}.tmp.{os.getpid()}"
         try:
-            with open(tmp, "wb") as f:
+            # torch reports a full disk in its own words ("unexpected pos ..."): the size of the
+            # state tells atomic.writing when that is what happened.
+            with atomic.writing(path, what="checkpoint", need_bytes=_nbytes(state)) as f:
                 torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+        except NoSpaceError as e:
+            raise CheckpointError(f"{e}; the last complete checkpoint is {self.dir / 'latest'} "
+                                  f"-> {self._pointer_target()}") from None
         except Exception as e:
             raise CheckpointError(f"failed to save checkpoint {path}: {e}") from e
-        finally:
-            tmp.unlink(missing_ok=True)
-        atomic.fsync_dir(self.dir)
         # The pointer moves only after the file is complete: a reader never sees a half save.
         atomic.write_bytes(self.dir / "latest", f"{path.name}\n".encode())
         if best:
             self._link_best(path)
         self._prune(step)
         return path
+
+    def _pointer_target(self) -> str:
+        try:
+            return (self.dir / "latest").read_text().strip()
+        except OSError:
+            return "none yet"
 
     def _link_best(self, path: Path) -> None:
         best = self.dir / "best.pt"
@@ -146,6 +148,17 @@ class Checkpointer:
     @staticmethod
     def load(path: str | Path) -> dict:
         return load(path)
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state (what a save needs on disk, give or take)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def verify(path: str | Path) -> str | None:

@@ -1,8 +1,16 @@
 """Typed configuration: a dataclass schema merged with YAML files and ``key=value`` overrides.
 
-Load order: the schema defaults, ``conf/config.yaml`` (the paper), extra YAML files in the order
-given, then omegaconf dotlist overrides. Unknown keys, wrong types and impossible values fail
-here, before any process group or data work starts, with a message naming the key.
+The dataclasses below are the one source of defaults (the paper's recipe); ``conf/config.yaml``
+states the same recipe for people to read, and a test keeps the two equal. Factories take the
+typed config and never fall back to defaults of their own; every choice is checked here, in
+:func:`validate`.
+
+Load order: the schema, ``conf/config.yaml``, extra YAML files in the order given, then omegaconf
+dotlist overrides. Unknown keys, wrong types and impossible values fail here, before any process
+group or data work starts, with a message naming the key.
+
+YAML paths are read relative to the caller's directory; a shipped config (``conf/...``) is also
+found inside an installed package (a wheel carries ``conf/`` as ``asc_dist/conf``).
 """
 
 from __future__ import annotations
@@ -16,12 +24,35 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-DEFAULT_CONFIG = CONF_DIR / "config.yaml"
+from asc_dist.cli import command
+from asc_dist.errors import ConfigError
+
+_PACKAGE = Path(__file__).resolve().parent
+# The model families asc_dist.model builds (a test checks it builds exactly these).
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+MODEL_NAMES = (*RESNETS, "dcase_baseline")
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
+def conf_dir() -> Path:
+    """The shipped ``conf/``: inside the package when installed as a wheel, else the checkout's."""
+    for d in (_PACKAGE / "conf", _PACKAGE.parent / "conf"):
+        if (d / "config.yaml").is_file():
+            return d
+    raise ConfigError(f"the shipped configs (conf/config.yaml) are missing next to {_PACKAGE}: "
+                      f"reinstall asc-dist")
+
+
+def resolve_yaml(path: str | Path) -> Path:
+    """``path`` from the caller's directory; else a shipped config (``conf/experiment/x.yaml``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    parts = p.parts[1:] if p.parts[:1] == ("conf",) else p.parts
+    shipped = conf_dir().joinpath(*parts) if parts and not p.is_absolute() else None
+    if shipped is not None and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {path} (looked in {Path.cwd()}"
+                      + (f" and {conf_dir()}" if shipped is not None else "") + ")")
 
 
 @dataclass
@@ -51,16 +82,21 @@ class DataConfig:
     train_split: str = "train"
     test_split: str = "test"
     backend: str = "auto"  # dali | torch | auto
-    num_threads: int = 2  # DALI threads / DataLoader workers per rank
-    shuffle_buffer: int = 256
-    prefetch: int = 2
+    # DALI threads / DataLoader workers per rank; 0 = this process's CPUs / ranks on the node
+    num_threads: int = 0
+    shuffle_buffer: int = 256  # streaming training: samples mixed within a rank's share
+    prefetch: int = 2  # batches prepared ahead
+    # device: compute each clip's features once and keep the split on the training device (host
+    # memory on CPU); auto: the same when the split fits in cache_max_gb, else stream; none: stream
+    cache: str = "auto"
+    cache_max_gb: float = 4.0
     # Per-mel-bin standardisation from the training split only; stats file lives beside the shards.
     standardize: bool = True
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet50"  # resnet18|34|50|101|152 | dcase_baseline
+    name: str = "resnet50"  # one of MODEL_NAMES
     pretrained: str = "imagenet"  # imagenet | none | /path/to/state_dict.pt
     input_adapt: str = "sum"  # sum: 1-channel conv1 = sum of RGB filters | repeat: input x3
     resize: list[int] | None = None  # [H, W] to interpolate the log-mel to, or null
@@ -108,6 +144,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 disables
     sync_bn: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    grad_compress: str = "none"  # none | bf16: all-reduce gradients in bf16 (slow interconnects)
 
 
 @dataclass
@@ -137,21 +174,27 @@ class Config:
 
 
 _CHOICES = {
+    "model.name": set(MODEL_NAMES),
     "data.backend": {"dali", "torch", "auto"},
+    "data.cache": {"device", "auto", "none"},
     "model.input_adapt": {"sum", "repeat"},
     "loss.name": {"focal", "ce"},
     "optim.name": {"adabound", "adam", "sgd"},
     "train.precision": {"auto", "bf16", "fp32"},
     "train.device": {"auto", "cpu", "cuda"},
+    "train.grad_compress": {"none", "bf16"},
     "wandb.mode": {"online", "offline", "disabled"},
 }
 _POSITIVE = [
     "features.sample_rate", "features.n_fft", "features.win_length", "features.hop_length",
-    "features.n_mels", "features.clip_seconds", "features.frames", "data.num_threads",
-    "optim.lr", "optim.decay_every", "optim.decay_factor", "train.max_iters",
+    "features.n_mels", "features.clip_seconds", "features.frames", "data.shuffle_buffer",
+    "data.prefetch", "data.cache_max_gb",
+    "optim.lr", "optim.final_lr", "optim.gamma", "optim.decay_every", "optim.decay_factor", "train.max_iters",
     "train.global_batch", "train.eval_every", "train.ckpt_every", "train.keep_last",
     "train.log_every", "num_classes",
 ]
+_NON_NEGATIVE = ["data.num_threads", "optim.weight_decay", "optim.warmup_iters",
+                 "train.grad_clip", "wandb.init_timeout", "wandb.log_images"]
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -169,6 +212,9 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
+    for key in _NON_NEGATIVE:
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: must be >= 0")
     f = cfg.features
     if f.win_length > f.n_fft:
         raise ConfigError(f"features.win_length={f.win_length} is larger than features.n_fft={f.n_fft}")
@@ -211,6 +257,9 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
         raise ConfigError(f"loss.alpha={list(values)!r}: weights must be numbers >= 0")
     if cfg.loss.gamma < 0:
         raise ConfigError(f"loss.gamma={cfg.loss.gamma}: must be >= 0")
+    if cfg.model.pretrained == "imagenet" and cfg.model.name not in RESNETS:
+        raise ConfigError(f"model.pretrained=imagenet: there are no ImageNet weights for "
+                          f"model.name={cfg.model.name}; use model.pretrained=none or a path")
     if cfg.model.resize is not None and (
         len(cfg.model.resize) != 2 or min(cfg.model.resize) <= 0
     ):
@@ -229,17 +278,17 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
 def load(
     args: list[str] | tuple[str, ...] = (),
     *,
-    base: str | Path | None = DEFAULT_CONFIG,
+    base: bool = True,
     world_size: int | None = None,
 ) -> DictConfig:
-    """Build the run config from ``args``: YAML paths first, then ``key=value`` overrides."""
+    """Build the run config from ``args``: YAML paths first, then ``key=value`` overrides.
+
+    ``base=False`` skips ``conf/config.yaml`` (the schema alone; for the equality test).
+    """
     cfg = OmegaConf.structured(Config)
     yamls = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
-    for path in ([base] if base else []) + yamls:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+    for path in ([conf_dir() / "config.yaml"] if base else []) + [resolve_yaml(y) for y in yamls]:
         try:
             loaded = OmegaConf.load(path)
         except Exception as e:  # noqa: BLE001 - yaml errors carry line numbers; keep them
@@ -275,15 +324,11 @@ def from_dict(d: dict) -> DictConfig:
     return cfg
 
 
+@command("asc_dist.config")
 def main(argv: list[str] | None = None) -> int:
     """``python -m asc_dist.config [yaml ...] [key=value ...]`` prints the resolved config."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = load(argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    print(to_yaml(cfg), end="")
+    print(to_yaml(load(argv)), end="")
     return 0
 
 

@@ -16,7 +16,7 @@
 * ``model.json`` -- classes (logit order), the input contract, front-end parameters,
   standardisation mean/std, the source checkpoint and the round-trip check's result.
 * ``load_model.py`` -- a loader that imports only torch (``load(model_dir)``, ``classify``) and a
-  small CLI for audio files (decoding needs soundfile; resampling torchaudio).
+  small CLI for audio files (decoding needs soundfile, resampling soxr: asc_dist.audio's path).
 
 The network is traced for TorchScript (torchvision's ResNet forward calls ``super()``, which
 scripting rejects) inside a scripted front end, so any batch size and length work. Every format
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import warnings
 from contextlib import contextmanager
@@ -40,13 +38,21 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from asc_dist.features import LogMel, clip_samples, fix_length
+from asc_dist import atomic
+from asc_dist.audio import RESAMPLER
+from asc_dist.cli import command
+from asc_dist.frontend import LogMel, clip_samples, fix_length
+from asc_dist.restore import restore
 
 FORMAT = "asc-dist-export/1"
 FILES = {"torchscript": "model.pt", "export": "model.pt2"}
 META_FILE = "model.json"
 LOADER_FILE = "load_model.py"
 MAX_BATCH = 4096  # upper bound of the exported program's dynamic batch dimension
+
+
+class ExportError(RuntimeError):
+    """A format could not be built, or its round trip differs from the checkpoint's model."""
 
 
 class WaveformClassifier(nn.Module):
@@ -123,6 +129,7 @@ def metadata(restored, files: dict[str, str], check: dict) -> dict:
             "kind": "waveform", "shape": "[B, L] float32 (model.pt also [L])",
             "sample_rate": int(f.sample_rate),
             "channels": "mono (average the channels of multi-channel audio)",
+            "resampler": RESAMPLER,
             "scale": "float in [-1, 1] (soundfile dtype='float32')",
             "clip_samples": clip_samples(f),
             "length": "model.pt: any L, zero-padded or cropped to clip_samples inside; "
@@ -156,7 +163,7 @@ LOADER = '''"""Load an asc-dist exported scene classifier with torch alone (no a
     module, meta = load("model_dir")                 # model.pt (TorchScript); format="export": model.pt2
     labels, probs = classify(module, meta, wave)     # wave: [B, L] float mono at meta["input"]["sample_rate"]
 
-CLI: python load_model.py MODEL_DIR AUDIO...   (decoding needs soundfile; resampling torchaudio)
+CLI: python load_model.py MODEL_DIR AUDIO...   (decoding needs soundfile; resampling soxr)
 """
 
 import json
@@ -204,15 +211,16 @@ def classify(module, meta, wave):
 
 
 def read_audio(path, sample_rate):
+    """Channel mean, then soxr "VHQ" resampling in float64: the training data's path."""
     import soundfile as sf
 
-    x, sr = sf.read(path, dtype="float32", always_2d=True)
-    wave = torch.from_numpy(x.mean(axis=1))
+    x, sr = sf.read(path, dtype="float64", always_2d=True)
+    x = x.mean(axis=1)
     if sr != sample_rate:
-        import torchaudio
+        import soxr
 
-        wave = torchaudio.functional.resample(wave, sr, sample_rate)
-    return wave
+        x = soxr.resample(x, sr, sample_rate, quality="VHQ")
+    return torch.from_numpy(x.astype("float32"))
 
 
 if __name__ == "__main__":
@@ -232,7 +240,7 @@ def _max_diff(run, waves: list[torch.Tensor], reference: nn.Module, fixed: int |
             x = w if fixed is None else fix_length(w, fixed)
             got, want = run(x), reference(w)
             if got.shape != want.shape:
-                raise RuntimeError(f"exported module gives {list(got.shape)} logits, the original "
+                raise ExportError(f"exported module gives {list(got.shape)} logits, the original "
                                    f"{list(want.shape)} for input {list(w.shape)}")
             diff = max(diff, float((got - want).abs().max()))
     return diff
@@ -246,13 +254,6 @@ def export(restored, out_dir: str | Path, *, formats: tuple[str, ...] = ("torchs
     export leaves an existing ``out_dir`` as it was. A format that cannot be built is skipped with
     a warning unless ``strict`` (or it is the only one asked for).
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     n = clip_samples(restored.cfg.features)
     fc = restored.cfg.features
     # Batch sizes other than the traced one, and clips shorter and longer than one clip.
@@ -261,18 +262,18 @@ def export(restored, out_dir: str | Path, *, formats: tuple[str, ...] = ("torchs
     reference = eager_pipeline(restored)
     check: dict[str, Any] = {"atol": atol, "inputs": [list(w.shape) for w in waves], "max_abs_diff": {}}
     files: dict[str, str] = {}
-    try:
+    with atomic.staged_dir(out_dir, overwrite=overwrite) as tmp:
         built: dict[str, Any] = {}
         for fmt in formats:
             try:
                 built[fmt] = build_torchscript(restored) if fmt == "torchscript" else build_exported(restored)
             except Exception as e:
                 if strict or len(formats) == 1:
-                    raise RuntimeError(f"cannot build the {fmt} module: {type(e).__name__}: {e}") from e
+                    raise ExportError(f"cannot build the {fmt} module: {type(e).__name__}: {e}") from e
                 print(f"warning: skipping the {fmt} format: {type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         if not built:
-            raise RuntimeError("no export format could be built")
+            raise ExportError("no export format could be built")
         files = {fmt: FILES[fmt] for fmt in built}
         meta = metadata(restored, files, check)
         for fmt, obj in built.items():
@@ -288,7 +289,7 @@ def export(restored, out_dir: str | Path, *, formats: tuple[str, ...] = ("torchs
                     check["max_abs_diff"][fmt] = _max_diff(loaded, waves, reference, n)
         bad = {k: v for k, v in check["max_abs_diff"].items() if not v <= atol}
         if bad:
-            raise RuntimeError(f"exported model differs from the checkpoint's by "
+            raise ExportError(f"exported model differs from the checkpoint's by "
                                f"{', '.join(f'{v:.3g} ({k})' for k, v in bad.items())} > atol {atol} "
                                f"on the same waveforms")
         blob = json.dumps(meta, indent=2)
@@ -297,18 +298,10 @@ def export(restored, out_dir: str | Path, *, formats: tuple[str, ...] = ("torchs
                 built["torchscript"].save(str(tmp / FILES["torchscript"]), _extra_files={META_FILE: blob})
         (tmp / META_FILE).write_text(blob + "\n")
         (tmp / LOADER_FILE).write_text(LOADER)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old.{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
+@command("asc_dist.export")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m asc_dist.export",
@@ -325,20 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--atol", type=float, default=1e-4,
                    help="largest allowed logit difference in the round-trip check (default 1e-4)")
     args = p.parse_args(argv)
-
-    from asc_dist.checkpoint import CheckpointError
-    from asc_dist.config import ConfigError
-    from asc_dist.evaluate import restore
-
     formats = ("torchscript", "export") if args.format == "both" else (args.format,)
+    restored = restore(args.checkpoint, device="cpu")
     try:
-        restored = restore(args.checkpoint, device="cpu")
         meta = export(restored, args.out, formats=formats, overwrite=args.overwrite, atol=args.atol)
-    except (CheckpointError, ConfigError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ExportError as e:  # the model cannot be exported as asked: not an input problem
+        print(f"asc_dist.export: error: {e}", file=sys.stderr)
         return 1
     diffs = ", ".join(f"{FILES[k]} {v:.1e}" for k, v in meta["check"]["max_abs_diff"].items())
     print(f"exported {restored.path} (step {restored.step}, {meta['model']}, {len(meta['classes'])} "

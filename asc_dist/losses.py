@@ -14,11 +14,11 @@ exactly alpha-weighted cross-entropy, gradients included.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from asc_dist.config import LossConfig
 
 _TINY = 1e-30  # floor for (1 - p): well above float32's smallest normal (1.2e-38)
 
@@ -93,14 +93,11 @@ class SoftCrossEntropy(nn.Module):
         return -(_soft_targets(target, logits) * logp).sum(dim=-1).mean()
 
 
-def build_loss(cfg_loss: Any, num_classes: int) -> nn.Module:
-    """``cfg.loss``: name focal (gamma, alpha) | ce (gamma and alpha unused)."""
-    name = getattr(cfg_loss, "name", "focal")
-    if name == "focal":
-        alpha = getattr(cfg_loss, "alpha", 1.0)
-        if not isinstance(alpha, (int, float)):
-            alpha = [float(a) for a in alpha]  # ListConfig -> list
-        return FocalLoss(num_classes, gamma=float(getattr(cfg_loss, "gamma", 2.0)), alpha=alpha)
-    if name == "ce":
+def build_loss(cfg_loss: LossConfig, num_classes: int) -> nn.Module:
+    """``cfg.loss``: focal (gamma, alpha) | ce (gamma and alpha unused)."""
+    if cfg_loss.name == "ce":
         return SoftCrossEntropy()
-    raise ValueError(f"loss.name={name!r}: must be 'focal' or 'ce'")
+    alpha = cfg_loss.alpha
+    if not isinstance(alpha, (int, float)):
+        alpha = [float(a) for a in alpha]  # ListConfig -> list
+    return FocalLoss(num_classes, gamma=float(cfg_loss.gamma), alpha=alpha)

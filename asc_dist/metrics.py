@@ -9,9 +9,7 @@ samples, of per-class accuracy (recall).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -162,15 +160,15 @@ def _accuracy(confusion: np.ndarray) -> float | None:
     return float(np.trace(confusion) / n) if n else None
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
+def fmt(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def format_report(report: dict, classes: Sequence[str]) -> str:
     """Markdown: headline numbers, per-class accuracy, breakdowns (console and report.md)."""
     headline = (
-        f"class-wise accuracy: {_fmt(report['classwise_accuracy'])} | accuracy: "
-        f"{_fmt(report['accuracy'])} | log-loss: {_fmt(report['log_loss'])} | "
+        f"class-wise accuracy: {fmt(report['classwise_accuracy'])} | accuracy: "
+        f"{fmt(report['accuracy'])} | log-loss: {fmt(report['log_loss'])} | "
         f"clips: {report['count']}"
     )
     lines = [
@@ -182,92 +180,16 @@ def format_report(report: dict, classes: Sequence[str]) -> str:
     width = max(len(c) for c in classes)
     for cls in classes:
         lines.append(
-            f"| {cls:<{width}} | {_fmt(report['per_class'].get(cls))} | "
+            f"| {cls:<{width}} | {fmt(report['per_class'].get(cls))} | "
             f"{report['class_counts'].get(cls, 0)} |"
         )
     lines.append(
-        f"| **class-wise mean** | **{_fmt(report['classwise_accuracy'])}** | {report['count']} |"
+        f"| **class-wise mean** | **{fmt(report['classwise_accuracy'])}** | {report['count']} |"
     )
     for name, table in report.get("breakdowns", {}).items():
         lines += ["", f"| {name} | accuracy | class-wise | clips |", "|---|---:|---:|---:|"]
         for value, r in table.items():
             lines.append(
-                f"| {value} | {_fmt(r['accuracy'])} | {_fmt(r['classwise_accuracy'])} | {r['count']} |"
+                f"| {value} | {fmt(r['accuracy'])} | {fmt(r['classwise_accuracy'])} | {r['count']} |"
             )
     return "\n".join(lines)
-
-
-# -- plots -----------------------------------------------------------------------------------------
-# matplotlib.figure.Figure with the Agg canvas: no pyplot global state, no display backend.
-
-
-def _save_atomic(fig, path: str | Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def plot_confusion(report: dict, classes: Sequence[str], path: str | Path) -> Path:
-    """Row-normalised confusion matrix (true x predicted), each cell annotated with its count."""
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(report["confusion"], dtype=np.int64)
-    rows = counts.sum(axis=1, keepdims=True)
-    norm = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
-    c = len(classes)
-    size = max(4.0, 0.6 * c + 2)
-    fig = Figure(figsize=(size, size))
-    ax = fig.add_subplot()
-    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    for i in range(c):
-        for j in range(c):
-            if counts[i, j]:
-                ax.text(
-                    j,
-                    i,
-                    str(counts[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black",
-                )
-    ax.set_xticks(range(c), classes, rotation=60, ha="right")
-    ax.set_yticks(range(c), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(
-        f"class-wise accuracy {_fmt(report.get('classwise_accuracy'), 3)} (n={report.get('count')})"
-    )
-    return _save_atomic(fig, path)
-
-
-def plot_per_class(report: dict, classes: Sequence[str], path: str | Path) -> Path:
-    """Horizontal bars of per-class accuracy with the class-wise mean as a line."""
-    from matplotlib.figure import Figure
-
-    accs = [report["per_class"].get(cls) for cls in classes]
-    fig = Figure(figsize=(6, max(3.0, 0.35 * len(classes) + 1)))
-    ax = fig.add_subplot()
-    y = np.arange(len(classes))
-    ax.barh(y, [a or 0.0 for a in accs], color="tab:blue")
-    for yi, a in zip(y, accs):
-        ax.text(min(a or 0.0, 1.0) + 0.01, yi, _fmt(a, 3), va="center", fontsize=8)
-    mean = report.get("classwise_accuracy")
-    if mean is not None:
-        ax.axvline(mean, color="tab:red", linestyle="--", label=f"class-wise mean {mean:.3f}")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_yticks(y, classes)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.12)
-    ax.set_xlabel("accuracy")
-    return _save_atomic(fig, path)

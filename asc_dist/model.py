@@ -19,18 +19,19 @@ the sum of the pretrained RGB filters (a grey image through the RGB filters give
 response); ``repeat`` keeps the 3-channel conv1 and repeats the input three times. With
 ``model.resize: [H, W]`` the log-mel is bilinearly interpolated to that size first.
 
-Device placement, ``channels_last`` and ``torch.compile`` are applied by :func:`prepare_model`,
-not by :func:`build_model`, so the model is built (and pretrained weights loaded) on the CPU
-once and the same builder serves tests and tools that never touch a GPU.
+Device placement and ``channels_last`` are applied by :func:`prepare_model`, not by
+:func:`build_model`, so the model is built (and pretrained weights loaded) on the CPU once and
+the same builder serves tests and tools that never touch a GPU. ``torch.compile`` is applied by
+the trainer after the DDP wrap (PyTorch's order for overlapping communication).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,13 @@ from torch import nn
 from torchvision.models import get_model_weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from asc_dist.config import ModelConfig
+from asc_dist.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Same block/layer layout as torchvision's builders, so state dict keys match their weight files.
+# The names are config.MODEL_NAMES (validated there); a test keeps the two in step.
 RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
@@ -48,7 +53,6 @@ RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet101": (Bottleneck, [3, 4, 23, 3]),
     "resnet152": (Bottleneck, [3, 8, 36, 3]),
 }
-MODEL_NAMES = (*RESNETS, "dcase_baseline")
 IMAGENET_WEIGHTS = "IMAGENET1K_V1"
 # Wrappers that training code commonly leaves on state dict keys.
 _KEY_PREFIXES = ("module.", "_orig_mod.")
@@ -60,8 +64,6 @@ class SpecResNet(ResNet):
     def __init__(self, block, layers, num_classes: int, input_adapt: str = "sum",
                  resize: tuple[int, int] | None = None):
         super().__init__(block, layers, num_classes=num_classes)
-        if input_adapt not in ("sum", "repeat"):
-            raise ValueError(f"model.input_adapt={input_adapt!r}: must be 'sum' or 'repeat'")
         self.input_adapt = input_adapt
         self.resize = resize
         if input_adapt == "sum":
@@ -136,8 +138,6 @@ class LoadReport:
 
 def imagenet_weights_file(name: str) -> Path:
     """Where torch hub's cache keeps the ImageNet weights of ResNet ``name`` (may not exist)."""
-    if name not in RESNETS:
-        raise ValueError(f"no ImageNet weights for model.name={name!r}; use pretrained=none or a path")
     weights = get_model_weights(name)[IMAGENET_WEIGHTS]
     # Resolved at call time so a changed TORCH_HOME is honoured.
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
@@ -146,14 +146,15 @@ def imagenet_weights_file(name: str) -> Path:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"cannot read weights file {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - zip, pickle, EOF: all "not a usable weights file"
+        raise ConfigError(f"model.pretrained: cannot read weights file {path}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     # Our own checkpoints and many others nest the weights one level down.
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise RuntimeError(f"weights file {path} does not hold a state dict of tensors")
+        raise ConfigError(f"model.pretrained: weights file {path} does not hold a state dict of tensors")
     out = {}
     for k, v in obj.items():
         for prefix in _KEY_PREFIXES:
@@ -187,7 +188,7 @@ def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor],
     report.unexpected = list(result.unexpected_keys)
     report.loaded = [k for k in state_dict if k in own]
     if not report.loaded:
-        raise RuntimeError(
+        raise ConfigError(
             f"no weight in {source} matches the model ({len(report.unexpected)} unexpected keys, "
             f"e.g. {report.unexpected[:3]}): wrong architecture?"
         )
@@ -211,71 +212,55 @@ def _log_report(report: LoadReport) -> None:
             log.warning("%s keys from %s: %s", kind, report.source, other)
 
 
-def _cfg(cfg: Any, key: str, default: Any) -> Any:
-    value = getattr(cfg, key, default)
-    return default if value is None and default is not None else value
-
-
-def build_model(cfg_model: Any, num_classes: int) -> nn.Module:
-    """Build ``cfg.model`` (a ModelConfig or DictConfig) with a ``num_classes``-way head, on CPU."""
-    name = _cfg(cfg_model, "name", "resnet50")
-    pretrained = str(_cfg(cfg_model, "pretrained", "none"))
-    input_adapt = _cfg(cfg_model, "input_adapt", "sum")
-    resize = _cfg(cfg_model, "resize", None)
-    if resize is not None:
-        resize = tuple(int(s) for s in resize)
-        if len(resize) != 2 or min(resize) <= 0:
-            raise ValueError(f"model.resize={list(resize)}: must be [height, width] > 0")
-    if num_classes < 1:
-        raise ValueError(f"num_classes={num_classes}: must be >= 1")
-
-    if name in RESNETS:
-        block, layers = RESNETS[name]
-        model: nn.Module = SpecResNet(block, layers, num_classes, input_adapt, resize)
-    elif name == "dcase_baseline":
+def build_model(cfg_model: ModelConfig, num_classes: int) -> nn.Module:
+    """Build ``cfg.model`` (validated by asc_dist.config) with a ``num_classes``-way head, on CPU."""
+    resize = tuple(int(s) for s in cfg_model.resize) if cfg_model.resize is not None else None
+    if cfg_model.name in RESNETS:
+        block, layers = RESNETS[cfg_model.name]
+        model: nn.Module = SpecResNet(block, layers, num_classes, cfg_model.input_adapt, resize)
+    else:
         model = DcaseBaseline(num_classes, resize)
-    else:
-        raise ValueError(f"model.name={name!r}: must be one of {list(MODEL_NAMES)}")
 
-    if pretrained == "none":
-        return model
-    if pretrained == "imagenet":
-        if name not in RESNETS:
-            raise ValueError(
-                f"model.pretrained=imagenet: there are no ImageNet weights for model.name={name!r}; "
-                "use model.pretrained=none or a path to a state dict"
-            )
-        path = imagenet_weights_file(name)
-        if not path.is_file():
-            url = get_model_weights(name)[IMAGENET_WEIGHTS].url
-            raise FileNotFoundError(
-                f"model.pretrained=imagenet: ImageNet weights for {name} not found. Place the file "
-                f"{path.name} at {path} (download it from {url} on a machine with network access; "
-                f"TORCH_HOME={os.environ.get('TORCH_HOME', '<unset>')}), or set "
-                "model.pretrained=none or a path to a state dict."
-            )
-    else:
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"model.pretrained={pretrained!r}: no such weights file (expected 'imagenet', "
-                "'none' or a path to a state dict)"
-            )
-    load_pretrained(model, _read_state_dict(path), source=str(path))
+    path = pretrained_file(cfg_model)
+    if path is not None:
+        load_pretrained(model, _read_state_dict(path), source=str(path))
     return model
 
 
-def prepare_model(model: nn.Module, cfg_model: Any, device: torch.device | str) -> nn.Module:
-    """Move to ``device``; on CUDA apply channels_last; compile in place if ``model.compile``.
+def pretrained_file(cfg_model: ModelConfig) -> Path | None:
+    """The weights file ``model.pretrained`` names (None for ``none``); a ConfigError saying
+    where to put it when it is missing."""
+    pretrained = str(cfg_model.pretrained)
+    if pretrained == "none":
+        return None
+    if pretrained == "imagenet":
+        path = imagenet_weights_file(cfg_model.name)
+        if not path.is_file():
+            url = get_model_weights(cfg_model.name)[IMAGENET_WEIGHTS].url
+            raise ConfigError(
+                f"model.pretrained=imagenet: ImageNet weights for {cfg_model.name} not found. Place "
+                f"the file {path.name} at {path} (download it from {url} on a machine with network "
+                f"access; TORCH_HOME={os.environ.get('TORCH_HOME', '<unset>')}), or set "
+                "model.pretrained=none or a path to a state dict.")
+        return path
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained={pretrained!r}: no such weights file (expected "
+                          "'imagenet', 'none' or a path to a state dict)")
+    return path
 
-    ``nn.Module.compile`` compiles the forward in place, so state dict keys keep their names
-    (no ``_orig_mod.`` prefix) and checkpoints stay interchangeable. Call before wrapping in
-    DDP; feed the model channels_last inputs on CUDA for the fast convolution path.
-    """
+
+def prepare_model(model: nn.Module, cfg_model: ModelConfig, device: torch.device | str) -> nn.Module:
+    """Move to ``device``; on CUDA apply channels_last (feed it channels_last inputs too)."""
     device = torch.device(device)
     model = model.to(device)
-    if device.type == "cuda" and _cfg(cfg_model, "channels_last", True):
+    if device.type == "cuda" and cfg_model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if _cfg(cfg_model, "compile", False):
-        model.compile()
     return model
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    """bf16 autocast for ``train.precision`` bf16, or auto on CUDA; otherwise float32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()

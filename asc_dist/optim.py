@@ -8,8 +8,8 @@ AdaBound (Luo et al.) clips Adam's per-element step size to [lower(t), upper(t)]
 both converge to final_lr * lr / base_lr; base_lr is the lr the optimiser was built with, so an
 lr schedule (warmup included) scales the SGD bound too, as the package intends. The package
 (adabound 0.0.5) uses overloads torch deprecates (a UserWarning per process) and keeps base_lr
-outside the state dict. :class:`AdaBound` below is the same update written with keyword-form
-ops (bit-identical) and keeps base_lr in each param group, so it round-trips through
+outside the state dict. :class:`AdaBound` below is the same update written as multi-tensor
+ops (bit-identical on the CPU) and keeps base_lr in each param group, so it round-trips through
 state_dict; rebuilding the optimiser with the original lr before load_state_dict (what the
 trainer does anyway) also works with state dicts written by the package.
 """
@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
 
 import adabound
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from asc_dist.config import OptimConfig
+
 _BASE_LR = "bound_base_lr"
 
 
 class AdaBound(adabound.AdaBound):
-    """adabound.AdaBound without deprecated torch calls; base_lr stored per param group."""
+    """adabound.AdaBound as multi-tensor ops; base_lr stored per param group.
+
+    The update is the package's, op for op, but each op runs once for all parameters of a group
+    (``torch._foreach_*``) instead of once per tensor: ~14 launches per step for ResNet-50's 161
+    parameter tensors instead of ~1,900 (measured in tests/test_optim.py), which on a GPU is the
+    difference between a host-bound and a device-bound step. On the CPU the results are
+    bit-identical to the package's; the state dict has the package's layout.
+    """
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -43,48 +51,59 @@ class AdaBound(adabound.AdaBound):
             with torch.enable_grad():
                 loss = closure()
         for i, group in enumerate(self.param_groups):
-            base_lr = group.get(_BASE_LR)
-            if base_lr is None:  # a group loaded from the package's own state dict
-                base_lr = group[_BASE_LR] = self.base_lrs[i]
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("AdaBound does not support sparse gradients")
-                amsbound = group["amsbound"]
+            if group.get(_BASE_LR) is None:  # a group loaded from the package's own state dict
+                group[_BASE_LR] = self.base_lrs[i]
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("AdaBound does not support sparse gradients")
+            # Parameters that missed a step (no gradient) count steps of their own; they are
+            # updated in their own batch. Normally there is one batch per group.
+            by_step: dict[int, list[torch.Tensor]] = {}
+            for p in params:
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                    if amsbound:
+                    if group["amsbound"]:
                         state["max_exp_avg_sq"] = torch.zeros_like(p)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
-                step = state["step"]
-
-                if group["weight_decay"] != 0:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if amsbound:
-                    max_exp_avg_sq = state["max_exp_avg_sq"]
-                    torch.max(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-                    denom = max_exp_avg_sq.sqrt().add_(group["eps"])
-                else:
-                    denom = exp_avg_sq.sqrt().add_(group["eps"])
-
-                bias_correction1 = 1 - beta1 ** step
-                bias_correction2 = 1 - beta2 ** step
-                step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
-                final_lr = group["final_lr"] * group["lr"] / base_lr
-                lower, upper = bounds(final_lr, group["gamma"], step)
-                step_size = torch.full_like(denom, step_size)
-                step_size.div_(denom).clamp_(lower, upper).mul_(exp_avg)
-                p.add_(-step_size)
+                by_step.setdefault(state["step"], []).append(p)
+            for step, ps in by_step.items():
+                self._update(group, ps, step)
         return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor], step: int) -> None:
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        grads = [p.grad for p in params]
+        if group["weight_decay"] != 0:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        if group["amsbound"]:
+            max_sqs = [s["max_exp_avg_sq"] for s in states]
+            torch._foreach_maximum_(max_sqs, exp_avg_sqs)
+            denom = torch._foreach_sqrt(max_sqs)
+        else:
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denom, group["eps"])
+
+        step_size = group["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+        final_lr = group["final_lr"] * group["lr"] / group[_BASE_LR]
+        lower, upper = bounds(final_lr, group["gamma"], step)
+        # The package divides a tensor full of step_size by denom: the same rounding as here.
+        steps = torch._foreach_mul(denom, 0.0)
+        torch._foreach_add_(steps, step_size)
+        torch._foreach_div_(steps, denom)
+        torch._foreach_clamp_min_(steps, lower)
+        torch._foreach_clamp_max_(steps, upper)
+        torch._foreach_mul_(steps, exp_avgs)
+        torch._foreach_sub_(params, steps)
 
 
 def bounds(final_lr: float, gamma: float, step: int) -> tuple[float, float]:
@@ -92,20 +111,14 @@ def bounds(final_lr: float, gamma: float, step: int) -> tuple[float, float]:
     return final_lr * (1 - 1 / (gamma * step + 1)), final_lr * (1 + 1 / (gamma * step))
 
 
-def build_optimizer(cfg_optim: Any, params: Iterable) -> torch.optim.Optimizer:
-    """``cfg.optim``: name adabound (lr, final_lr, gamma, weight_decay) | adam | sgd (momentum)."""
-    name = getattr(cfg_optim, "name", "adabound")
-    lr = float(cfg_optim.lr)
-    wd = float(getattr(cfg_optim, "weight_decay", 0.0))
-    if name == "adabound":
-        return AdaBound(params, lr=lr, final_lr=float(getattr(cfg_optim, "final_lr", 0.1)),
-                        gamma=float(getattr(cfg_optim, "gamma", 1e-3)), weight_decay=wd)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(getattr(cfg_optim, "momentum", 0.9)),
-                               weight_decay=wd)
-    raise ValueError(f"optim.name={name!r}: must be one of adabound, adam, sgd")
+def build_optimizer(cfg_optim: OptimConfig, params: Iterable) -> torch.optim.Optimizer:
+    """``cfg.optim``: adabound (lr, final_lr, gamma, weight_decay) | adam | sgd (momentum)."""
+    o = cfg_optim
+    if o.name == "adabound":
+        return AdaBound(params, lr=o.lr, final_lr=o.final_lr, gamma=o.gamma, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def lr_factor(it: int, decay_every: int = 200, decay_factor: float = 0.9,
@@ -117,23 +130,15 @@ def lr_factor(it: int, decay_every: int = 200, decay_factor: float = 0.9,
     return factor
 
 
-def build_scheduler(cfg_optim: Any, optimizer: torch.optim.Optimizer) -> LRScheduler:
+def build_scheduler(cfg_optim: OptimConfig, optimizer: torch.optim.Optimizer) -> LRScheduler:
     """Per-iteration step decay (+ warmup). Call ``scheduler.step()`` after each optimizer step.
 
     A LambdaLR over a plain function: its state_dict holds only counters (weights_only-safe),
     and the schedule itself always comes from the current config.
     """
-    decay_every = int(getattr(cfg_optim, "decay_every", 200))
-    decay_factor = float(getattr(cfg_optim, "decay_factor", 0.9))
-    warmup_iters = int(getattr(cfg_optim, "warmup_iters", 0) or 0)
-    if decay_every <= 0:
-        raise ValueError(f"optim.decay_every={decay_every}: must be > 0")
-    if not decay_factor > 0:
-        raise ValueError(f"optim.decay_factor={decay_factor}: must be > 0")
-    if warmup_iters < 0:
-        raise ValueError(f"optim.warmup_iters={warmup_iters}: must be >= 0")
+    o = cfg_optim
 
     def factor(it: int) -> float:
-        return lr_factor(it, decay_every, decay_factor, warmup_iters)
+        return lr_factor(it, o.decay_every, o.decay_factor, o.warmup_iters)
 
     return LambdaLR(optimizer, factor)

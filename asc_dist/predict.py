@@ -29,9 +29,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from asc_dist.features import LogMel, clip_samples, decode_audio, fix_length
-
-AUDIO_EXTS = (".wav", ".flac", ".ogg", ".aif", ".aiff")
+from asc_dist import atomic, audio
+from asc_dist.cli import command
+from asc_dist.dist import pick_device
+from asc_dist.errors import ConfigError, DataError
+from asc_dist.frontend import LogMel, clip_samples, fix_length
+from asc_dist.restore import restore
 
 
 @dataclass
@@ -46,9 +49,9 @@ def collect_inputs(inputs: Sequence[str | Path], relative_to: str | Path | None 
     for arg in inputs:
         p = Path(arg)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTS)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in audio.AUDIO_EXTS)
             if not found:
-                raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTS)}) under {p}")
+                raise DataError(f"no audio files ({', '.join(audio.AUDIO_EXTS)}) under {p}")
             items += [Item(f, f.relative_to(p).as_posix()) for f in found]
         else:  # a missing file is reported with the others, not fatal
             items.append(Item(p, str(arg)))
@@ -75,11 +78,9 @@ class _Clips(Dataset):
         if not path.is_file():
             return i, None, "no such file"
         try:
-            wave = decode_audio(str(path), self.sample_rate, name=str(path))
+            wave = torch.from_numpy(audio.decode(str(path), self.sample_rate, name=str(path)))
         except ValueError as e:
-            why = str(e).split(f"{path}: ", 1)[-1]
-            # soundfile repeats the path: "Error opening '<path>': <reason>"
-            return i, None, why.split("': ", 1)[-1] if why.startswith("Error opening '") else why
+            return i, None, str(e).split(f"{path}: ", 1)[-1]
         except Exception as e:  # noqa: BLE001 - e.g. a resampler failure: report, don't abort the run
             return i, None, f"{type(e).__name__}: {e}"
         if wave.numel() == 0:
@@ -103,7 +104,8 @@ def predict_files(restored, items: list[Item], *, batch_size: int = 16, workers:
                   ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Class probabilities per readable item, and the reason per unreadable one (by item index).
 
-    ``restored`` is an :class:`asc_dist.evaluate.Restored` on ``device``.
+    ``restored`` is an :class:`asc_dist.restore.Restored` on ``device``. The log-mel and the
+    standardisation run in float32, exactly as in training; only the network runs under autocast.
     """
     device = torch.device(device)
     logmel = LogMel(restored.cfg.features).to(device)
@@ -128,8 +130,9 @@ def predict_files(restored, items: list[Item], *, batch_size: int = 16, workers:
                     (bar.write(msg, file=sys.stderr) if bar else print(msg, file=sys.stderr))
             if ok:
                 wave = torch.stack([w for _, w in ok]).to(device)
+                x = restored.standardize(logmel(wave))
                 with autocast:
-                    logits = restored.model(restored.standardize(logmel(wave)))
+                    logits = restored.model(x)
                 p = logits.float().softmax(dim=1).cpu()
                 for row, (i, _) in enumerate(ok):
                     probs[i] = p[row]
@@ -143,28 +146,23 @@ def predict_files(restored, items: list[Item], *, batch_size: int = 16, workers:
 
 def write_predictions(path: str | Path, items: list[Item], probs: dict[int, torch.Tensor],
                       classes: list[str], scores: bool = False) -> int:
-    """DCASE TSV in input order (unreadable files left out), via tmp + os.replace; rows written."""
+    """DCASE TSV in input order (unreadable files left out), written atomically; rows written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     rows = 0
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, delimiter="\t", lineterminator="\n")
+    with atomic.writing(path, "w", what="predictions") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        if scores:
+            w.writerow(["filename", "scene_label", *classes])
+        for i, it in enumerate(items):
+            if i not in probs:
+                continue
+            p = probs[i]
+            row = [it.name, classes[int(p.argmax())]]
             if scores:
-                w.writerow(["filename", "scene_label", *classes])
-            for i, it in enumerate(items):
-                if i not in probs:
-                    continue
-                p = probs[i]
-                row = [it.name, classes[int(p.argmax())]]
-                if scores:
-                    row += [f"{float(v):.6f}" for v in p]
-                w.writerow(row)
-                rows += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+                row += [f"{float(v):.6f}" for v in p]
+            w.writerow(row)
+            rows += 1
     return rows
 
 
@@ -187,22 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("asc_dist.predict")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
-        print("error: --batch-size must be >= 1 and --workers >= 0", file=sys.stderr)
-        return 2
-    from asc_dist import config as config_lib
-    from asc_dist.checkpoint import CheckpointError
-    from asc_dist.evaluate import pick_device, restore
-
-    try:
-        items = collect_inputs(args.inputs, args.relative_to)
-        device = pick_device(args.device)
-        restored = restore(args.checkpoint, device=device)
-    except (FileNotFoundError, CheckpointError, config_lib.ConfigError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+    items = collect_inputs(args.inputs, args.relative_to)
+    device = pick_device(args.device)
+    restored = restore(args.checkpoint, device=device)
     probs, failed = predict_files(restored, items, batch_size=args.batch_size, workers=args.workers,
                                   device=device, progress=not args.quiet)
     rows = write_predictions(args.out, items, probs, restored.classes, scores=args.scores)

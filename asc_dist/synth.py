@@ -26,7 +26,6 @@ import argparse
 import math
 import multiprocessing as mp
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,7 +35,10 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from asc_dist.pack import tune_malloc
+from asc_dist import atomic
+from asc_dist.audio import tune_malloc
+from asc_dist.cli import command
+from asc_dist.errors import UserError
 
 SCENES = (
     "airport", "bus", "metro", "metro_station", "park",
@@ -296,20 +298,25 @@ def generate(
     error unless ``overwrite`` (then it is replaced).
     """
     if clips_per_class < 2:
-        raise ValueError(f"clips_per_class={clips_per_class}: need >= 2 (one train and one test location)")
+        raise UserError(f"clips_per_class={clips_per_class}: need >= 2 (one train and one test location)")
     if duration <= 0 or sample_rate <= 0 or channels <= 0 or segments_per_location <= 0:
-        raise ValueError("duration, sample_rate, channels and segments_per_location must be > 0")
+        raise UserError("duration, sample_rate, channels and segments_per_location must be > 0")
     if sample_rate < 16000:
-        raise ValueError(f"sample_rate={sample_rate}: the scene signatures need >= 16000 Hz")
+        raise UserError(f"sample_rate={sample_rate}: the scene signatures need >= 16000 Hz")
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction={test_fraction}: must be in (0, 1)")
+        raise UserError(f"test_fraction={test_fraction}: must be in (0, 1)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    with atomic.staged_dir(out, overwrite=True) as tmp:
+        _write_dataset(tmp, clips_per_class, duration, sample_rate, seed, channels, subtype,
+                       segments_per_location, test_fraction, workers, progress)
+    return out
+
+
+def _write_dataset(tmp: Path, clips_per_class: int, duration: float, sample_rate: int, seed: int,
+                   channels: int, subtype: str, segments_per_location: int, test_fraction: float,
+                   workers: int, progress: bool) -> None:
     (tmp / "audio").mkdir(parents=True)
     (tmp / "evaluation_setup").mkdir()
     n = round(duration * sample_rate)
@@ -336,24 +343,17 @@ def generate(
         _write_text(es / "fold1_train.txt", [f"{f}\t{s}" for f, s, _, test in rows if not test])
         _write_text(es / "fold1_test.txt", [f for f, _, _, test in rows if test])
         _write_text(es / "fold1_evaluate.txt", [f"{f}\t{s}" for f, s, _, test in rows if test])
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            shutil.rmtree(old)
-        os.replace(tmp, out)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _write_text(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
+@command("asc_dist.synth")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m asc_dist.synth",
@@ -376,16 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     tune_malloc()
-    try:
-        out = generate(
-            a.out_dir, clips_per_class=a.clips_per_class, duration=a.duration,
-            sample_rate=a.sample_rate, seed=a.seed, channels=a.channels, subtype=a.subtype,
-            segments_per_location=a.segments_per_location, workers=a.workers,
-            overwrite=a.overwrite, progress=not a.no_progress,
-        )
-    except (ValueError, OSError) as e:
-        print(f"synth: error: {e}", file=sys.stderr)
-        return 2
+    out = generate(
+        a.out_dir, clips_per_class=a.clips_per_class, duration=a.duration,
+        sample_rate=a.sample_rate, seed=a.seed, channels=a.channels, subtype=a.subtype,
+        segments_per_location=a.segments_per_location, workers=a.workers,
+        overwrite=a.overwrite, progress=not a.no_progress,
+    )
     print(f"wrote {a.clips_per_class * len(SCENES)} clips to {out}")
     return 0
 

@@ -28,10 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asc_dist import atomic
-from asc_dist.config import CONF_DIR
-
-ROOT = CONF_DIR.parent
+from asc_dist import atomic, torchrun
+from asc_dist.config import conf_dir
 
 
 @dataclass(frozen=True)
@@ -272,15 +270,12 @@ def commands(args: argparse.Namespace) -> list[tuple[Row, list[str]]]:
     for row in ROWS:
         if only is not None and row.key not in only:
             continue
-        exp = CONF_DIR / "experiment" / f"{row.experiment}.yaml"
+        exp = conf_dir() / "experiment" / f"{row.experiment}.yaml"
         if exp.is_relative_to(Path.cwd()):
             exp = exp.relative_to(Path.cwd())
-        # One process needs no torchrun agent: the trainer runs as a plain process, same code path.
-        launcher = [sys.executable] if args.nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-        cmd = [*launcher, "-m", "asc_dist.train", *yamls, str(exp), *reduced,
-               f"name={row.run_name}", f"run_dir={Path(args.runs_root) / row.run_name}", *fixed,
-               *overrides]
+        cmd = torchrun.command([*yamls, str(exp), *reduced, f"name={row.run_name}",
+                                f"run_dir={Path(args.runs_root) / row.run_name}", *fixed, *overrides],
+                               nproc=args.nproc)
         out.append((row, cmd))
     return out
 
@@ -296,7 +291,6 @@ def run(args: argparse.Namespace) -> int:
             print(" ".join(cmd))
         return 0
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     status = 0
     for i, (row, cmd) in enumerate(plan, 1):
         print(f"[table1 {i}/{len(plan)}] {row.label}: {' '.join(cmd)}", flush=True)

@@ -1,4 +1,4 @@
-"""Run tracking on rank 0: ``metrics.jsonl``, Weights & Biases, and the console progress line.
+"""Run tracking on rank 0: ``metrics.jsonl`` and Weights & Biases.
 
 ``Tracker`` writes every logged dict to ``<run_dir>/metrics.jsonl`` and, per ``cfg.wandb.mode``
 (online | offline | disabled), to W&B on one global step. W&B is optional in the strong sense: a
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -24,7 +23,8 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from asc_dist import metrics as metrics_lib
+from asc_dist import plots
+from asc_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,24 @@ def _point_wandb_dirs(run_dir: Path) -> None:
         if current is None or _OURS.get(var) == current:
             path.mkdir(parents=True, exist_ok=True)
             os.environ[var] = _OURS[var] = str(path)
+
+
+def check_credentials(cfg) -> None:
+    """wandb.mode=online needs an API key (WANDB_API_KEY or a ~/.netrc entry for the server):
+    without one, wandb would prompt or fail after the process group is up; say so now."""
+    if cfg.wandb.mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host or ""):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError(f"wandb.mode=online but no W&B API key for {host}: run 'wandb login' (or "
+                      f"export WANDB_API_KEY), or set wandb.mode=offline and 'wandb sync' later")
 
 
 def _scrub(text: str) -> str:
@@ -120,7 +138,7 @@ class Tracker:
     def _init_wandb(self, resume_id: str | None) -> None:
         cfg, wcfg = self._cfg, self._cfg.wandb
         _point_wandb_dirs(self.run_dir)
-        timeout = wcfg.get("init_timeout") or float(os.environ.get("WANDB_INIT_TIMEOUT", "30"))
+        timeout = wcfg.init_timeout
         try:
             import wandb
             from omegaconf import OmegaConf
@@ -162,6 +180,10 @@ class Tracker:
             self._wandb_failed(what, e)
 
     @property
+    def wants_images(self) -> bool:
+        return self._run is not None and self._cfg.wandb.log_images > 0
+
+    @property
     def run_id(self) -> str | None:
         return self._run.id if self._run is not None else None
 
@@ -195,7 +217,7 @@ class Tracker:
         def to_wandb(run) -> None:
             import wandb
 
-            png = metrics_lib.plot_confusion(
+            png = plots.plot_confusion(
                 report, classes, self.run_dir / "plots" / f"confusion_step{step}.png"
             )
             table = wandb.Table(
@@ -262,138 +284,3 @@ class Tracker:
 
     def __exit__(self, exc_type, *_) -> None:
         self.close(exit_code=1 if exc_type else 0)
-
-
-class ProgressLogger:
-    """One console line every ``every`` steps (torchvision MetricLogger spirit).
-
-    ``update`` takes the step just finished (1-based), its loss and lr, the clips it processed
-    (global batch), the seconds spent waiting for data and the whole step's wall time (wait
-    included). On print steps it returns the window's aggregates for the tracker, else None.
-    """
-
-    def __init__(self, total_steps: int, *, every: int, enabled: bool) -> None:
-        self.total = total_steps
-        self.every = max(1, every)
-        self.enabled = enabled
-        self._reset()
-        self._ema_step_s: float | None = None
-
-    def _reset(self) -> None:
-        self._n = 0
-        self._loss = self._clips = self._wait = self._time = 0.0
-
-    def update(
-        self, step: int, loss: float, lr: float, clips: int, data_wait_s: float, step_s: float
-    ) -> dict | None:
-        self._n += 1
-        self._loss += loss
-        self._clips += clips
-        self._wait += data_wait_s
-        self._time += step_s
-        if step % self.every and step != self.total:
-            return None
-        t = max(self._time, 1e-9)
-        out = {
-            "loss": self._loss / self._n,
-            "lr": lr,
-            "clips_per_s": self._clips / t,
-            "data_wait_frac": self._wait / t,
-            "step_time": self._time / self._n,
-        }
-        # Smooth the ETA across windows so one slow step (an eval, a checkpoint) does not swing it.
-        s = out["step_time"]
-        self._ema_step_s = s if self._ema_step_s is None else 0.7 * self._ema_step_s + 0.3 * s
-        self._reset()
-        if self.enabled:
-            eta = _hms(max(0, self.total - step) * self._ema_step_s)
-            width = len(str(self.total))
-            print(
-                f"step {step:>{width}}/{self.total} | loss {out['loss']:.4f} | lr {lr:.2e} | "
-                f"{out['clips_per_s']:.1f} clips/s | data wait {100 * out['data_wait_frac']:.1f}% | "
-                f"eta {eta}",
-                flush=True,
-            )
-        return out
-
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-# -- reading W&B offline runs back -----------------------------------------------------------------
-# wandb 0.31 no longer ships a Python reader (wandb.sdk.internal.datastore is gone); the file is
-# wandb's LevelDB-style log of `wandb_internal_pb2.Record` protobufs, decoded here with wandb's
-# own message classes. Used by the tests and handy for inspecting an offline run.
-
-_BLOCK = 32768
-_HEADER = 7
-
-
-def _records(path: Path):
-    import struct
-    import zlib
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    ident, magic, _version = struct.unpack("<4sHB", data[:_HEADER])
-    if ident != b":W&B" or magic != 0xBEE1:
-        raise ValueError(f"{path}: not a W&B run file (header {data[:_HEADER]!r})")
-    pos, buf = _HEADER, b""
-    while pos + _HEADER <= len(data):
-        if _BLOCK - pos % _BLOCK < _HEADER:  # block trailer padding
-            pos += _BLOCK - pos % _BLOCK
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
-        chunk = data[pos + _HEADER : pos + _HEADER + length]
-        if kind == 0 or len(chunk) < length:  # zero fill or a truncated tail: the end
-            break
-        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
-            raise ValueError(f"{path}: checksum mismatch at byte {pos}")
-        pos += _HEADER + length
-        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record
-        if kind in (1, 4):  # FULL/LAST end it
-            record = pb.Record()
-            record.ParseFromString(buf)
-            yield record
-
-
-def _put(target: dict, item) -> None:
-    """Store an item's JSON value under its key path (dict values arrive split per sub-key)."""
-    path = [item.key] if item.key else list(item.nested_key)
-    for part in path[:-1]:
-        target = target.setdefault(part, {})
-    target[path[-1]] = json.loads(item.value_json)
-
-
-def read_wandb_file(path: str | Path) -> dict:
-    """``run-<id>.wandb`` -> {"run_id", "project", "config", "history": [{...}], "summary"}."""
-    out: dict[str, Any] = {
-        "run_id": None,
-        "project": None,
-        "config": {},
-        "history": [],
-        "summary": {},
-    }
-    for r in _records(Path(path)):
-        kind = r.WhichOneof("record_type")
-        if kind == "run":
-            out["run_id"], out["project"] = r.run.run_id, r.run.project
-            for item in r.run.config.update:
-                _put(out["config"], item)
-        elif kind == "config":
-            for item in r.config.update:
-                _put(out["config"], item)
-        elif kind == "history":
-            row: dict = {}
-            for item in r.history.item:
-                _put(row, item)
-            out["history"].append(row)
-        elif kind == "summary":
-            for item in r.summary.update:
-                _put(out["summary"], item)
-    return out

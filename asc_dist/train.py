@@ -1,17 +1,20 @@
 """Train the recipe: ``torchrun --nproc_per_node=N -m asc_dist.train [conf/x.yaml ...] [key=value ...]``.
 
 Also runs as a single plain process (``python -m asc_dist.train``). Iteration-based like the paper:
-pipeline -> standardise -> mixup -> model (DDP) -> loss -> optimizer step -> lr schedule, with
+batches -> standardise -> mixup -> model (DDP) -> loss -> optimizer step -> lr schedule, with
 evaluation every ``train.eval_every`` iterations and checkpoints every ``train.ckpt_every``, at the
 end, and when a stop signal arrives. ``resume=auto`` continues from the run dir's latest checkpoint.
+
+Before any process group starts, everything that can be checked is (config, shards, weights, W&B
+credentials, a live run in the same dir), so a mistake costs seconds and prints one line. A step
+never waits for the device: the loss is summed on the device and read, with the non-finite
+check, every ``train.log_every`` steps; the stop-signal agreement is asynchronous.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,32 +22,31 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from asc_dist import atomic, dist
+from asc_dist import atomic, dist, plots
 from asc_dist import config as config_lib
 from asc_dist.checkpoint import Checkpointer, check_compatible, rng_state, set_rng_state
+from asc_dist.cli import EXIT_ERROR, EXIT_STOPPED, command
 from asc_dist.data import build_source
-from asc_dist.evaluate import evaluate, sample_groups, write_report
-from asc_dist.features import Standardize, load_or_compute_stats
+from asc_dist.data.manifest import load_split
+from asc_dist.data.stats import load_or_compute_stats
+from asc_dist.errors import ConfigError, RunLockedError, TrainingDiverged, UserError
+from asc_dist.frontend import Standardize
 from asc_dist.losses import build_loss
 from asc_dist.metrics import format_report
 from asc_dist.mixup import Mixup
-from asc_dist.model import build_model, prepare_model
+from asc_dist.model import autocast, build_model, prepare_model, pretrained_file
 from asc_dist.optim import build_optimizer, build_scheduler
-from asc_dist.tracking import ProgressLogger, Tracker
+from asc_dist.progress import Progress
+from asc_dist.runlock import RunLock
+from asc_dist.tracking import Tracker, check_credentials, read_metrics
+from asc_dist.validate import evaluate, sample_groups, write_report
 
 
-def timed_batches(source, start_step: int):
-    """Endless (batch, seconds waited) over epochs, starting at global step ``start_step``."""
+def epochs_from(source, start_step: int):
+    """Endless batches over epochs, starting at global step ``start_step``."""
     epoch, skip = divmod(start_step, source.steps_per_epoch)
     while True:
-        it = iter(source.epoch(epoch, start_step=skip))
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            yield batch, time.perf_counter() - t0
+        yield from source.epoch(epoch, start_step=skip)
         epoch, skip = epoch + 1, 0
 
 
@@ -65,6 +67,32 @@ class Parts:
     autocast: Any
 
 
+def preflight(cfg: DictConfig) -> None:
+    """What can fail before any process group starts: shards, weights, W&B, a live run."""
+    for split in (cfg.data.train_split, cfg.data.test_split):
+        load_split(cfg.data.shards, split)
+    pretrained_file(cfg.model)
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
+    check_credentials(cfg)
+    if dist.env_rank() == 0:  # the rank that takes the lock; others may start after it did
+        RunLock(cfg.run_dir).check()
+
+
+def lock_run_dir(cfg: DictConfig, env: dist.DistEnv) -> RunLock | None:
+    """Rank 0 takes the run-dir lock; every rank learns the outcome before any work."""
+    lock, error = None, None
+    if env.is_main:
+        lock = RunLock(cfg.run_dir)
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            lock, error = None, e
+    if dist.any_rank(error is not None, env.device):
+        raise error or RunLockedError(f"run dir {cfg.run_dir} is in use (rank 0 names the holder)")
+    return lock
+
+
 def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
     per_rank = cfg.train.global_batch // env.world_size
     sources = [build_source(cfg, split, train=is_train, rank=env.rank, world_size=env.world_size,
@@ -72,22 +100,25 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
                for split, is_train in ((cfg.data.train_split, True), (cfg.data.test_split, False))]
     classes = sources[0].classes
     if len(classes) != cfg.num_classes:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"num_classes={cfg.num_classes} but the shards in {cfg.data.shards} have {len(classes)} classes")
     stats = None
     if cfg.data.standardize:  # rank 0 computes the training-split statistics once; the rest read them
+        resident = sources[0].table.features if sources[0].cached else None
         if env.is_main:
-            stats = load_or_compute_stats(cfg, device=env.device)
+            stats = load_or_compute_stats(cfg, device=env.device, features=resident)
         dist.barrier()
         if not env.is_main:
-            stats = load_or_compute_stats(cfg, device=env.device, progress=False)
+            stats = load_or_compute_stats(cfg, device=env.device, progress=False, features=resident)
     # Seeded here, after the data work (loaders draw from the global RNG): identical initial
     # weights on every rank, whether or not this run had to compute the feature statistics.
     torch.manual_seed(cfg.train.seed)
     model = prepare_model(build_model(cfg.model, len(classes)), cfg.model, env.device)
-    model = dist.wrap_model(model, env, sync_bn=cfg.train.sync_bn)
+    model = dist.wrap_model(model, env, sync_bn=cfg.train.sync_bn,
+                            grad_compress=cfg.train.grad_compress)
+    if cfg.model.compile:  # after the DDP wrap, so DDP's hooks see the compiled graph's breaks
+        model.compile()
     optimizer = build_optimizer(cfg.optim, model.parameters())
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and env.device.type == "cuda")
     return Parts(
         *sources, classes, stats,
         standardize=Standardize(*stats).to(env.device) if stats is not None else torch.nn.Identity(),
@@ -96,7 +127,7 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
         mixup=Mixup.from_config(cfg.mixup, len(classes)),
         optimizer=optimizer,
         scheduler=build_scheduler(cfg.optim, optimizer),
-        autocast=torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext(),
+        autocast=autocast(cfg.train.precision, env.device),
     )
 
 
@@ -117,7 +148,7 @@ def resume(cfg: DictConfig, p: Parts, ckpt: Checkpointer, is_main: bool) -> tupl
     if path is None:
         return 0, -1.0, None
     state = ckpt.load(path)
-    check_compatible(state, model_name=cfg.model.name, classes=p.classes)
+    check_compatible(state, model_name=cfg.model.name, classes=p.classes, path=path)
     dist.unwrap(p.model).load_state_dict(state["model"])
     p.optimizer.load_state_dict(state["optimizer"])
     p.scheduler.load_state_dict(state["scheduler"])
@@ -132,73 +163,94 @@ def resume(cfg: DictConfig, p: Parts, ckpt: Checkpointer, is_main: bool) -> tupl
     return state["step"], state["best_metric"], state.get("wandb_id")
 
 
-def train_step(p: Parts, batch, step: int, mix_gen: torch.Generator, grad_clip: float) -> float:
+def train_step(p: Parts, batch, mix_gen: torch.Generator, grad_clip: float) -> torch.Tensor:
+    """One optimizer step; returns the loss as a device tensor (reading it would synchronise)."""
+    x = p.standardize(batch.features)  # features stay float32: only the network runs in bf16
+    x, y = p.mixup(x, batch.labels, generator=mix_gen)
     with p.autocast:
-        x, y = p.mixup(p.standardize(batch.features), batch.labels, generator=mix_gen)
-        loss = p.loss_fn(p.model(x), y)
+        logits = p.model(x)
+    loss = p.loss_fn(logits, y)
     p.optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # queued before the host reads the loss, so the GPU is not left idle
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step}; stopping. "
-                                 f"Try a lower optim.lr or train.grad_clip > 0.")
+    loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(p.model.parameters(), grad_clip)
     p.optimizer.step()
     p.scheduler.step()
-    return loss_value
+    return loss.detach()
+
+
+def mean_loss(loss_sum: torch.Tensor, first: int, last: int) -> float:
+    """The window's mean loss (one synchronisation); stop on a non-finite one, naming the steps."""
+    value = (loss_sum / (last - first + 1)).item()
+    if not math.isfinite(value):
+        steps = f"step {last}" if first == last else f"steps {first}-{last}"
+        raise TrainingDiverged(f"non-finite loss ({value}) in {steps}; stopping. Try a lower "
+                                 f"optim.lr or train.grad_clip > 0.")
+    return value
 
 
 def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
     run_dir, tc = Path(cfg.run_dir), cfg.train
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / "config.yaml", config_lib.to_yaml(cfg))
-    p = build(cfg, env)
-    ckpt = Checkpointer(run_dir, keep_last=tc.keep_last, is_writer=env.is_main)
-    start, best, wandb_id = resume(cfg, p, ckpt, env.is_main)
-    tracker = Tracker(cfg, run_dir, enabled=env.is_main, resume_id=wandb_id)
-    progress = ProgressLogger(tc.max_iters, every=tc.log_every, enabled=env.is_main)
-    groups = sample_groups(cfg, cfg.data.test_split)
-    stop = dist.StopSignal()
-    mix_gen = torch.Generator(device=env.device)
-    step, report = start, {}
+    lock = lock_run_dir(cfg, env)
+    stop = None
+    tracker = None
+    p = None
     try:
-        batches = timed_batches(p.train_src, start) if start < tc.max_iters else iter(())
-        for step, (batch, wait) in enumerate(batches, start=start + 1):
-            t0 = time.perf_counter()
-            if step == 1:
+        if env.is_main:
+            atomic.write_text(run_dir / "config.yaml", config_lib.to_yaml(cfg))
+        p = build(cfg, env)
+        ckpt = Checkpointer(run_dir, keep_last=tc.keep_last, is_writer=env.is_main)
+        start, best, wandb_id = resume(cfg, p, ckpt, env.is_main)
+        tracker = Tracker(cfg, run_dir, enabled=env.is_main, resume_id=wandb_id)
+        progress = Progress(tc.max_iters, every=tc.log_every, clips_per_step=tc.global_batch,
+                            enabled=env.is_main)
+        groups = sample_groups(cfg, cfg.data.test_split)
+        stop = dist.StopSignal()
+        mix_gen = torch.Generator(device=env.device)
+        loss_sum, since = torch.zeros((), device=env.device), start + 1
+        step, report, stopping = start, {}, False
+        batches = epochs_from(p.train_src, start) if start < tc.max_iters else iter(())
+        for step, batch in progress.iterate(batches, start):
+            if step == start + 1 and tracker.wants_images:
                 n = cfg.wandb.log_images
                 tracker.log_images(step, batch.features[:n], [p.classes[i] for i in batch.labels[:n].tolist()])
             mix_gen.manual_seed(tc.seed * 1_000_003 + env.rank * 100_003 + step)  # reproducible on resume
-            loss = train_step(p, batch, step, mix_gen, tc.grad_clip)
-            logged = progress.update(step, loss, p.optimizer.param_groups[0]["lr"], clips=tc.global_batch,
-                                     data_wait_s=wait, step_s=time.perf_counter() - t0 + wait)
-            if logged:
-                tracker.log(step, {f"train/{k}": v for k, v in logged.items()})
-            is_best = False
-            if step % tc.eval_every == 0 or step == tc.max_iters:
-                report = evaluate(p.model, p.test_src, p.standardize, groups, p.autocast)
-                tracker.log_eval(step, report, p.classes)
-                is_best, best = report["classwise_accuracy"] > best, max(best, report["classwise_accuracy"])
-                if env.is_main:
-                    print(f"step {step}: class-wise accuracy {report['classwise_accuracy']:.4f} "
-                          f"(best {best:.4f})", flush=True)
-            stopping = dist.any_rank(stop.requested, env.device)  # all ranks stop at the same step
-            if step % tc.ckpt_every == 0 or step == tc.max_iters or stopping or is_best:
-                ckpt.save(step, checkpoint_state(cfg, p, step, best, tracker.run_id), best=is_best)
-            if stopping and env.is_main:
-                print(f"stop signal received: checkpointed at step {step}; rerun to resume", flush=True)
+            loss_sum += train_step(p, batch, mix_gen, tc.grad_clip)
+            if progress.due(step):
+                window = progress.window(step, loss=mean_loss(loss_sum, since, step),
+                                         lr=p.optimizer.param_groups[0]["lr"])
+                tracker.log(step, {f"train/{k}": v for k, v in window.items()})
+                loss_sum.zero_()
+                since = step + 1
+            stopping = stop.agreed()  # the same step on every rank
+            with progress.paused():
+                is_best = False
+                if step % tc.eval_every == 0 or step == tc.max_iters:
+                    report = evaluate(p.model, p.test_src, p.standardize, groups, p.autocast)
+                    tracker.log_eval(step, report, p.classes)
+                    is_best, best = report["classwise_accuracy"] > best, max(best, report["classwise_accuracy"])
+                    if env.is_main:
+                        print(f"step {step}: class-wise accuracy {report['classwise_accuracy']:.4f} "
+                              f"(best {best:.4f})", flush=True)
+                if step % tc.ckpt_every == 0 or step == tc.max_iters or stopping or is_best:
+                    ckpt.save(step, checkpoint_state(cfg, p, step, best, tracker.run_id), best=is_best)
             if stopping or step >= tc.max_iters:
                 break
+        if stopping and env.is_main:
+            print(f"stop signal received: checkpointed at step {step}; rerun to resume", flush=True)
         finish(cfg, env, p, run_dir, start, step, report)
         tracker.summary({"best_classwise_accuracy": best, "step": step})
     finally:
-        stop.restore()
-        tracker.close()
-        p.train_src.close()
-        p.test_src.close()
-    return {"step": step, "best": best, "report": report, "stopped": stop.requested}
+        if stop is not None:
+            stop.restore()
+        if tracker is not None:
+            tracker.close()
+        if p is not None:
+            p.train_src.close()
+            p.test_src.close()
+        if lock is not None:
+            lock.release()
+    return {"step": step, "best": best, "report": report, "stopped": stopping}
 
 
 def finish(cfg: DictConfig, env: dist.DistEnv, p: Parts, run_dir: Path, start: int, step: int,
@@ -212,9 +264,14 @@ def finish(cfg: DictConfig, env: dist.DistEnv, p: Parts, run_dir: Path, start: i
     if start >= cfg.train.max_iters:
         print(f"run {run_dir} already finished at step {start}; nothing to do "
               f"(resume=never or a new name= starts over)", flush=True)
-    elif step >= cfg.train.max_iters and report:
+        return
+    if step >= cfg.train.max_iters and report:
         write_report(run_dir, report, p.classes, step)
         print(format_report(report, p.classes), flush=True)
+    curves = plots.plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "curves.png",
+                               title=f"{cfg.name} ({run_dir})")
+    if curves is not None:
+        print(f"training curves: {curves}", flush=True)
 
 
 USAGE = """usage: [torchrun --nproc_per_node=N] python -m asc_dist.train [conf/extra.yaml ...] [key=value ...]
@@ -225,23 +282,26 @@ Print the resolved config with: python -m asc_dist.config [same arguments]
 """
 
 
+@command("asc_dist.train")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    try:  # all config errors surface before any process group or data work starts
-        cfg = config_lib.load(argv, world_size=dist.env_world_size())
-    except config_lib.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_lib.load(argv, world_size=dist.env_world_size())
+    try:
+        preflight(cfg)
+    except UserError:
+        if dist.env_rank() != 0:  # every rank finds the same problem: rank 0 says it once
+            return EXIT_ERROR
+        raise
     env = dist.init(cfg.train.device)
     try:
         result = train(cfg, env)
     finally:
         dist.teardown()
-    # 3 = stopped early by a signal with a checkpoint written: not done, rerun (or requeue) to resume.
-    return 0 if result["step"] >= cfg.train.max_iters else 3
+    # Stopped early by a signal with a checkpoint written: not done, rerun (or requeue) to resume.
+    return 0 if result["step"] >= cfg.train.max_iters else EXIT_STOPPED
 
 
 if __name__ == "__main__":

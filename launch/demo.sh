@@ -20,6 +20,7 @@ if [ ! -f "$shards/train/manifest.json" ]; then
   "$PY" -m asc_dist.pack "$data" "$shards" --workers 2 --overwrite
 fi
 rm -rf "$root/runs/demo"  # the demo always trains from scratch
-"$ASC_VENV/bin/torchrun" --standalone --nproc_per_node="$nproc" -m asc_dist.train conf/demo.yaml \
+"$PY" -m asc_dist.torchrun --nproc "$nproc" -- conf/demo.yaml \
   data.shards="$shards" run_dir="$root/runs/demo" "$@"
-echo "demo finished in $(( $(date +%s) - start )) s; report: $root/runs/demo/eval/report.md"
+echo "demo finished in $(( $(date +%s) - start )) s; report: $root/runs/demo/eval/report.md," \
+     "curves: $root/runs/demo/curves.png"

@@ -3,13 +3,21 @@
 # can be tried with fake SLURM variables:
 #   source launch/lib.sh; SLURM_JOB_NODELIST='gpu[01-03]' SLURM_JOB_ID=123 asc_rdzv_endpoint
 #
+# The one place where shell scripts find the repository (ASC_ROOT) and its python (asc_python).
+#
 # Environment read here (all optional):
-#   ASC_PYTHON          python of the venv to use (default: $ASC_ROOT/.venv/bin/python)
+#   ASC_ROOT            the repository (default: the parent of this file's directory)
+#   ASC_PYTHON          python to use (default: $ASC_ROOT/.venv/bin/python, made by launch/setup.sh;
+#                       any python with asc-dist installed works, e.g. a cluster's own PyTorch)
 #   ASC_NPROC_PER_NODE  processes per node (default: the GPUs SLURM gave this node, else the
 #                       visible GPUs, else 1)
 #   ASC_RDZV_PORT       SLURM rendezvous port (default: 20000 + job id mod 10000)
 #   ASC_NET_IFNAME      network interface for NCCL and Gloo, see asc_network_env
 ASC_ROOT="${ASC_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+export ASC_ROOT
+# The checkout's asc_dist wins over any installed copy, and a python without asc-dist installed
+# (a GPU node's own PyTorch with the dependencies beside it) runs it too.
+export PYTHONPATH="$ASC_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # Prints an error and fails; callers write `x=$(asc_... ) || exit 1`.
 asc_die() { echo "error: $*" >&2; return 1; }
@@ -99,7 +107,7 @@ asc_nproc_per_node() {
 
 asc_python() {
   local py=${ASC_PYTHON:-$ASC_ROOT/.venv/bin/python}
-  [ -x "$py" ] || { asc_die "python '$py' not found: run 'bash launch/setup.sh' in $ASC_ROOT first, or set ASC_PYTHON"; return 1; }
+  command -v "$py" >/dev/null 2>&1 || { asc_die "python '$py' not found: run 'bash launch/setup.sh' in $ASC_ROOT first, or set ASC_PYTHON"; return 1; }
   printf '%s\n' "$py"
 }
 
@@ -138,7 +146,7 @@ asc_wait() {
 }
 
 # Runs as the srun task on every node: this node's torchrun agent, joining the c10d rendezvous
-# hosted by HEAD. usage: asc_node_agent HEAD PYTHON [torchrun options] -m module [args]
+# hosted by HEAD. usage: asc_node_agent HEAD PYTHON [asc_dist.torchrun options] -- [trainer args]
 #
 # Why a wrapper: a stop request must reach the torchrun agents only. SLURM delivers a signal to
 # every process of a step (scancel --signal, srun's forwarding), which would also hit DataLoader
@@ -154,7 +162,7 @@ asc_node_agent() {
   # Once only: a second SIGTERM would cut short torchrun's wait for its ranks' checkpoint.
   trap 'ASC_SIGNALLED=1; [ -n "$stopping" ] || { kill -TERM "$agent" 2>/dev/null && stopping=1; }' USR2
   trap 'ASC_SIGNALLED=1' TERM INT HUP  # SLURM signalled the agent as well: wait until it is done
-  ( trap '' USR2; exec "$py" -m torch.distributed.run --rdzv-conf="is_host=$is_host" "$@" ) &
+  ( trap '' USR2; exec "$py" -m asc_dist.torchrun --rdzv-host "$is_host" "$@" ) &
   agent=$!
   echo "[asc_node_agent] node ${SLURMD_NODENAME:-?} (node id ${SLURM_NODEID:-?}): torchrun agent pid $agent," \
        "rendezvous host: $is_host"

@@ -29,10 +29,7 @@ PY=$(asc_python) || exit 1
 NPROC=$(asc_nproc_per_node) || exit 1
 asc_network_env
 cd "$ASC_ROOT"
-export PYTHONPATH="$ASC_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 is_host=false; [ "$NODE_RANK" = 0 ] && is_host=true
 echo "[multi_node] node $NODE_RANK/$NNODES, $NPROC process(es), rendezvous $MASTER_ADDR:$MASTER_PORT (host: $is_host)" >&2
-# Node 0 hosts the store explicitly: torch's own guess compares host names with MASTER_ADDR.
-exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC" \
-  --rdzv-backend=c10d --rdzv-id="$RDZV_ID" --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
-  --rdzv-conf="is_host=$is_host" --max-restarts=0 -m asc_dist.train "$@"
+exec "$PY" -m asc_dist.torchrun --nproc "$NPROC" --nnodes "$NNODES" --rdzv-id "$RDZV_ID" \
+  --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-host "$is_host" -- "$@"

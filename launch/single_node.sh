@@ -18,7 +18,6 @@ PY=$(asc_python) || exit 1
 NPROC=$(asc_nproc_per_node) || exit 1
 asc_network_env
 cd "$ASC_ROOT"
-export PYTHONPATH="$ASC_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 echo "[single_node] $NPROC process(es): $*" >&2
 # exec: signals sent to this script reach torchrun, which passes them on to its ranks.
-exec "$PY" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" -m asc_dist.train "$@"
+exec "$PY" -m asc_dist.torchrun --nproc "$NPROC" -- "$@"

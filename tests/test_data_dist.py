@@ -1,4 +1,5 @@
-"""A real 2-process gloo run (torchrun) over the batch sources of both backends.
+"""Real 2- and 3-process gloo runs (torchrun) over the batch sources: both streaming backends
+and the feature cache (built collectively by the ranks).
 
 Each rank reads its training share for two epochs and the test split once, running one
 all_reduce per batch (a rank with fewer batches would hang, caught by the process-group
@@ -19,10 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["features.sample_rate=16000", "features.n_fft=512", "features.win_length=512",
          "features.hop_length=400", "features.n_mels=64", "features.f_min=50", "features.f_max=8000",
-         "features.clip_seconds=1.0", "features.frames=40", "data.num_threads=1"]
+         "features.clip_seconds=1.0", "features.frames=40", "data.num_threads=1",
+         "train.global_batch=6"]  # divisible by 2 and 3 ranks
 
 
-def _worker(shards: str, out: str, backends: list[str]) -> None:
+def _worker(shards: str, out: str, variants: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -33,8 +35,10 @@ def _worker(shards: str, out: str, backends: list[str]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {}
     try:
-        for backend in backends:
-            cfg = config.load([*SMALL, f"data.shards={shards}", f"data.backend={backend}"], world_size=world)
+        for variant in variants:
+            backend, cache = variant.split(":")
+            cfg = config.load([*SMALL, f"data.shards={shards}", f"data.backend={backend}",
+                               f"data.cache={cache}"], world_size=world)
             res = {}
             train = build_source(cfg, "train", train=True, rank=rank, world_size=world,
                                  device=torch.device("cpu"), batch_size=3, seed=7)
@@ -60,28 +64,31 @@ def _worker(shards: str, out: str, backends: list[str]) -> None:
             gathered = [None] * world
             dist.all_gather_object(gathered, keys)
             res["test"] = {"keys": gathered, "reduced_count": int(total.item())}
-            result[backend] = res
+            result[variant] = res
         if rank == 0:
             Path(out).write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def _backends() -> list[str]:
+def _variants(world: int) -> list[str]:
+    """backend:cache pairs; the cache on the torch backend (its build is backend-independent)."""
     try:
         import nvidia.dali  # noqa: F401
 
-        return ["torch", "dali"]
+        streams = ["torch:none", "dali:none"]
     except ImportError:
-        return ["torch"]
+        streams = ["torch:none"]
+    return streams + ["torch:device"] if world == 2 else ["torch:device"]
 
 
 @pytest.mark.slow
-def test_two_process_gloo_shares(packed_shards, tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_multi_process_gloo_shares(packed_shards, tmp_path, world):
     out = tmp_path / "result.json"
-    backends = _backends()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).resolve()), str(packed_shards), str(out), ",".join(backends)]
+    variants = _variants(world)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           str(Path(__file__).resolve()), str(packed_shards), str(out), ",".join(variants)]
     r = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -92,21 +99,21 @@ def test_two_process_gloo_shares(packed_shards, tmp_path):
 
     train_keys, test_keys = set(keys("train")), keys("test")
     n = len(train_keys)
-    for backend in backends:
-        res = result[backend]
+    steps = n // (3 * world)  # batch 3 per rank
+    for variant in variants:
+        res = result[variant]
         orders = []
         for epoch in (0, 1):
             ranks = res[f"train{epoch}"]
-            steps = {g["steps"] for g in ranks}
-            assert steps == {n // 6}
-            assert all(len(g["keys"]) == 3 * (n // 6) for g in ranks)
+            assert {g["steps"] for g in ranks} == {steps}, variant
+            assert all(len(g["keys"]) == 3 * steps for g in ranks)
             flat = [k for g in ranks for k in g["keys"]]
-            assert len(set(flat)) == len(flat) == 6 * (n // 6)  # disjoint
+            assert len(set(flat)) == len(flat) == 3 * world * steps  # disjoint, every step full
             assert set(flat) <= train_keys
             orders.append(flat)
         assert orders[0] != orders[1]
         flat = [k for ks in res["test"]["keys"] for k in ks]
-        assert sorted(flat) == sorted(test_keys)  # every test sample once across both ranks
+        assert sorted(flat) == sorted(test_keys), variant  # every test sample once across ranks
         assert res["test"]["reduced_count"] == len(test_keys)
 
 

@@ -14,7 +14,7 @@ import torch
 from test_evaluate import SMOKE_STEPS, direct_logits, trained_run
 
 from asc_dist import export
-from asc_dist.evaluate import restore
+from asc_dist.restore import restore
 
 
 @pytest.fixture(scope="module")

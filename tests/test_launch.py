@@ -41,6 +41,7 @@ def smoke(shards: Path, run_dir: Path, *extra: str) -> list[str]:
         f"data.shards={shards}",
         f"run_dir={run_dir}",
         "train.log_every=1",
+        "train.device=cpu",  # several ranks on one GPU would be refused
         *extra,
     ]
 

@@ -2,7 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from asc_dist import config
 from asc_dist.config import LossConfig
+from asc_dist.errors import ConfigError
 from asc_dist.losses import FocalLoss, SoftCrossEntropy, build_loss
 
 C = 10
@@ -144,8 +146,8 @@ def test_build_loss_and_bad_inputs():
     assert isinstance(build_loss(LossConfig(name="ce"), C), SoftCrossEntropy)
     fl = build_loss(LossConfig(name="focal", gamma=1.5, alpha=[1.0] * C), C)
     assert isinstance(fl, FocalLoss) and fl.gamma == 1.5 and torch.equal(fl.alpha, torch.ones(C))
-    with pytest.raises(ValueError, match="loss.name"):
-        build_loss(LossConfig(name="hinge"), C)
+    with pytest.raises(ConfigError, match="loss.name"):
+        config.load(["loss.name=hinge"])
     with pytest.raises(ValueError, match="loss.alpha has 3 entries"):
         FocalLoss(C, alpha=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="out of range"):

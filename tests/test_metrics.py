@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from asc_dist.metrics import ClassificationMeter, format_report, plot_confusion, plot_per_class
+from asc_dist.metrics import ClassificationMeter, format_report
+from asc_dist.plots import plot_confusion, plot_per_class
 
 CLASSES = ["airport", "bus", "metro", "park", "tram"]  # "tram" never appears as a label
 CITIES = ["barcelona", "helsinki", "london"]

@@ -6,7 +6,9 @@ import adabound
 import pytest
 import torch
 
+from asc_dist import config
 from asc_dist.config import OptimConfig
+from asc_dist.errors import ConfigError
 from asc_dist.optim import AdaBound, bounds, build_optimizer, build_scheduler, lr_factor
 
 
@@ -100,8 +102,8 @@ def test_schedule_values(it, expected):
 def test_warmup_is_linear_then_step_decay():
     assert [lr_factor(i, 200, 0.9, 4) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert math.isclose(lr_factor(200, 200, 0.9, 4), 0.9)
-    with pytest.raises(ValueError, match="optim.decay_every"):
-        build_scheduler(OptimConfig(decay_every=0), build_optimizer(OptimConfig(), [torch.nn.Parameter(torch.zeros(1))]))
+    with pytest.raises(ConfigError, match="optim.decay_every"):
+        config.load(["optim.decay_every=0"])
 
 
 @pytest.mark.parametrize("name", ["adabound", "adam", "sgd"])
@@ -156,8 +158,8 @@ def test_build_optimizer_kinds_and_bad_name():
     assert isinstance(build_optimizer(OptimConfig(name="adam"), p), torch.optim.Adam)
     sgd = build_optimizer(OptimConfig(name="sgd", momentum=0.5), p)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
-    with pytest.raises(ValueError, match="optim.name='lamb'"):
-        build_optimizer(OptimConfig(name="lamb"), p)
+    with pytest.raises(ConfigError, match="optim.name='lamb'"):
+        config.load(["optim.name=lamb"])
 
 
 def test_param_group_added_later_is_updated():
@@ -170,3 +172,64 @@ def test_param_group_added_later_is_updated():
     b.grad = torch.ones(2)
     opt.step()
     assert not torch.equal(b.detach(), torch.ones(2))
+
+
+def _top_level_aten_ops(fn) -> int:
+    """aten ops ``fn`` issues itself (not counting ops that run inside other aten ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def test_resnet50_step_is_a_handful_of_multi_tensor_ops():
+    """On a GPU every aten op is a kernel launch: the package's per-tensor loop issues ~1,900
+    per step for ResNet-50's 161 parameter tensors; ours <= 100 (14 without weight decay)."""
+    from asc_dist.config import ModelConfig
+    from asc_dist.model import build_model
+
+    model = build_model(ModelConfig(name="resnet50", pretrained="none"), 10)
+    params = list(model.parameters())
+    assert len(params) == 161
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    for wd in (0.0, 1e-4):
+        opt = build_optimizer(OptimConfig(weight_decay=wd), params)
+        opt.step()  # the first step also creates the state
+        ours = _top_level_aten_ops(opt.step)
+        assert ours <= 100, ours
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = adabound.AdaBound(params, lr=1e-3)
+            ref.step()
+            theirs = _top_level_aten_ops(ref.step)
+        assert theirs > 10 * len(params)  # the baseline, measured in the same run
+    print(f"aten ops per AdaBound step on ResNet-50: ours {ours}, adabound package {theirs}")
+
+
+def test_adabound_equals_package_over_many_steps_on_a_cnn():
+    """Conv, batch-norm and linear tensors of every shape, 200 steps with weight decay: equal to
+    the package's update (within 1e-6 relative is the requirement; on the CPU it is exact)."""
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+
+    x, y = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+    results = []
+    for cls in (adabound.AdaBound, AdaBound):
+        model = net()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = cls(model.parameters(), lr=1e-2, final_lr=0.1, weight_decay=1e-4)
+            for _ in range(200):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for ref, new in zip(*results):
+        torch.testing.assert_close(new, ref, rtol=1e-6, atol=0)
+        assert torch.equal(new, ref)

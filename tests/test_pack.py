@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from asc_dist import audio, synth
 from asc_dist import pack as P
-from asc_dist import synth
+from asc_dist.pack.cli import main as pack_main
+from asc_dist.pack.layouts import detect_layout
+from asc_dist.pack.writer import _tarinfo
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -87,7 +90,7 @@ def _retar(src: Path) -> bytes:
     with tarfile.open(src) as t, tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as o:
         for m in t.getmembers():
             data = t.extractfile(m).read()
-            o.addfile(P._tarinfo(m.name, len(data)), io.BytesIO(data))
+            o.addfile(_tarinfo(m.name, len(data)), io.BytesIO(data))
     return buf.getvalue()
 
 
@@ -273,7 +276,7 @@ def test_resampled_to_48k(tmp_path, src_sr):
     assert x.shape[0] == round(n * 48000 / src_sr)
     assert json.loads(s["json"])["source_sample_rate"] == src_sr
     # Equals soundfile decode + the packer's resampler, up to 24-bit quantisation.
-    ref = P.convert(source, src_sr, 48000)
+    ref = audio.convert(source, src_sr, 48000)
     np.testing.assert_allclose(x, ref, atol=1.01 * 2.0**-24)
     # And is a faithful resampling: the downmix (the 300 Hz parts cancel) is the 1 kHz tone.
     t48 = np.arange(x.shape[0]) / 48000
@@ -334,7 +337,7 @@ def test_bad_clips_skipped_and_listed(tmp_path, capsys):
     names = {kind: _make_bad(root, kind) for kind in BAD}
     _csv_dataset(root, {n: "a" for n in names.values()}, n_good=3)
     out = tmp_path / "out"
-    rc = P.main([str(root), str(out), "--layout", "csv", "--workers", "1", "--on-error", "skip",
+    rc = pack_main([str(root), str(out), "--layout", "csv", "--workers", "1", "--on-error", "skip",
                  "--sample-rate", "16000", "--no-progress"])
     assert rc == 0
     m = _manifest(out, "train")
@@ -439,11 +442,11 @@ def test_existing_output_refused_or_replaced_atomically(synth_dataset, tmp_path,
     out = tmp_path / "out"
     args = [str(synth_dataset), str(out), "--workers", "1", "--sample-rate", "16000",
             "--shard-max-samples", "4", "--no-progress"]
-    assert P.main(args) == 0
+    assert pack_main(args) == 0
     assert "clips/s" in capsys.readouterr().out  # throughput line
     before = {s: _digest(out / s) for s in ("train", "test")}
 
-    assert P.main(args) == 1
+    assert pack_main(args) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert {s: _digest(out / s) for s in ("train", "test")} == before
 
@@ -452,13 +455,13 @@ def test_existing_output_refused_or_replaced_atomically(synth_dataset, tmp_path,
     bad = _copy_dataset(synth_dataset, tmp_path / "bad")
     victim = bad / _fold(bad, "fold1_evaluate.txt")[-1][0]
     victim.write_bytes(victim.read_bytes()[:100])
-    assert P.main([str(bad)] + args[1:] + ["--overwrite", "--seed", "5"]) == 1
+    assert pack_main([str(bad)] + args[1:] + ["--overwrite", "--seed", "5"]) == 2
     err = capsys.readouterr().err
     assert victim.name in err and "truncated" in err
     assert {s: _digest(out / s) for s in ("train", "test")} == before
     assert sorted(p.name for p in out.iterdir()) == ["test", "train"]  # no temp/old dirs
 
-    assert P.main(args + ["--overwrite", "--seed", "5"]) == 0
+    assert pack_main(args + ["--overwrite", "--seed", "5"]) == 0
     after = {s: _digest(out / s) for s in ("train", "test")}
     assert after["train"] != before["train"]
     assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
@@ -504,7 +507,7 @@ def test_tau2019_layout(synth_dataset, tmp_path):
     (es / "fold1_test.txt").unlink()
     (es / "fold1_test.csv").write_text("filename\n" + "".join(
         f"{f}\n" for f, _ in _fold(synth_dataset, "fold1_evaluate.txt")))
-    assert P.detect_layout(root) == "tau2019"
+    assert detect_layout(root) == "tau2019"
     ms = P.pack(root, tmp_path / "out", sample_rate=16000, workers=1, progress=False, verbose=False)
     ref = {s: _manifest(Path(tmp_path / "out"), s) for s in ("train", "test")}
     for split, fold in (("train", "fold1_train.txt"), ("test", "fold1_evaluate.txt")):

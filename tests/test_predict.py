@@ -92,7 +92,7 @@ def test_scores_header_probabilities_and_agreement_with_the_model(run_dir, audio
 
 
 def test_stereo_is_downmixed_and_other_rates_resampled(run_dir, tmp_path):
-    from asc_dist.evaluate import restore
+    from asc_dist.restore import restore
 
     x = tone(16000, 1.0, seed=7)[:, 0]
     sf.write(tmp_path / "mono.wav", x, 16000, subtype="FLOAT")

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from asc_dist import synth
+from asc_dist.errors import UserError
 
 NAME = re.compile(r"^audio/([a-z_]+)-([a-z]+)-(\d+)-(\d+)-a\.wav$")
 
@@ -144,7 +145,7 @@ def test_existing_output_refused_or_replaced(tmp_path):
     kw = {"clips_per_class": 2, "duration": 0.2, "sample_rate": 16000, "progress": False}
     out = synth.generate(tmp_path / "d", seed=0, **kw)
     before = sorted(p.name for p in (out / "audio").iterdir())
-    with pytest.raises(ValueError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         synth.generate(out, seed=1, **kw)
     assert sorted(p.name for p in (out / "audio").iterdir()) == before
     synth.generate(out, seed=1, clips_per_class=3, duration=0.2, sample_rate=16000,

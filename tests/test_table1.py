@@ -111,7 +111,7 @@ def test_dry_run_reduced_commands_share_data_and_seed(tmp_path, capsys):
     cmds = [c.split() for c in capsys.readouterr().out.splitlines()]
     assert len(cmds) == 4
     for c, exp in zip(cmds, ["baseline", "nll", "focal", "focal_mixup"]):
-        assert c[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        assert c[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone"]
         assert "train.seed=5" in c and "data.shards=S" in c and "model.pretrained=none" in c
         # YAMLs first, the row's experiment file after them, the user's overrides last
         exp_at = next(i for i, a in enumerate(c) if a.endswith(f"conf/experiment/{exp}.yaml"))

@@ -3,10 +3,12 @@ import logging
 
 import pytest
 import torch
+from wandb_reader import read_wandb_file
 
 from asc_dist import config
 from asc_dist.metrics import ClassificationMeter
-from asc_dist.tracking import ProgressLogger, Tracker, read_metrics, read_wandb_file
+from asc_dist.progress import Progress
+from asc_dist.tracking import Tracker, read_metrics
 
 FAKE_KEY = "fakesecret0123456789abcdef0123456789abcd"  # 40 chars, the shape of a real key
 CLASSES = ["airport", "bus", "park"]
@@ -151,22 +153,37 @@ def test_disabled_and_non_main_rank(tmp_path):
     assert quiet.run_id is None and not other.exists()
 
 
-def test_progress_logger_prints_every_n_and_aggregates(capsys):
-    progress = ProgressLogger(100, every=4, enabled=True)
-    outs = [
-        progress.update(s, loss=float(s), lr=1e-3, clips=64, data_wait_s=0.1, step_s=0.5)
-        for s in range(93, 101)
-    ]
-    assert [o is not None for o in outs] == [False, False, False, True, False, False, False, True]
-    assert outs[3] == pytest.approx(
-        {"loss": 94.5, "lr": 1e-3, "clips_per_s": 128.0, "data_wait_frac": 0.2, "step_time": 0.5}
-    )
+def test_progress_windows_print_every_n_and_aggregate(capsys, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("asc_dist.progress.time.perf_counter", lambda: now[0])
+
+    def batches():
+        for _ in range(8):
+            now[0] += 0.1  # the loop waits 0.1 s for each batch
+            yield "batch"
+
+    progress = Progress(100, every=4, clips_per_step=64, enabled=True)
+    windows = []
+    for step, _ in progress.iterate(batches(), start=92):
+        now[0] += 0.4  # the step itself
+        if step == 95:
+            with progress.paused():  # an evaluation: not training time
+                now[0] += 30.0
+        if progress.due(step):
+            windows.append(progress.window(step, loss=float(step), lr=1e-3))
+    assert [progress.due(s) for s in (95, 96, 99, 100)] == [False, True, False, True]
+    assert len(windows) == 2
+    # 4 steps of 0.5 s (0.1 s of it waiting) per window; the paused 30 s does not count
+    assert windows[0] == pytest.approx(
+        {"loss": 96.0, "lr": 1e-3, "clips_per_s": 128.0, "data_wait_frac": 0.2, "step_time": 0.5})
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("step  96/100 | loss 94.5000 | lr 1.00e-03 | 128.0 clips/s")
+    assert lines[0].startswith("step  96/100 | loss 96.0000 | lr 1.00e-03 | 128.0 clips/s")
     assert "data wait 20.0%" in lines[0] and lines[0].endswith("eta 0:00:02")
     assert lines[1].endswith("eta 0:00:00")
 
-    silent = ProgressLogger(10, every=1, enabled=False)
-    assert silent.update(1, 1.0, 1e-3, 8, 0.0, 1.0)["clips_per_s"] == 8.0
+    silent = Progress(10, every=1, clips_per_step=8, enabled=False)
+    (step, _), = list(silent.iterate(["b"], start=0))
+    now[0] += 1.0
+    assert silent.window(step, loss=1.0, lr=1e-3)["clips_per_s"] == 8.0
     assert capsys.readouterr().out == ""

@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
+from wandb_reader import read_wandb_file
 
-from asc_dist.tracking import read_metrics, read_wandb_file
+from asc_dist.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -35,7 +35,9 @@ def free_port() -> int:
 
 
 def overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"data.shards={shards}", f"run_dir={run_dir}", "data.backend=torch", *extra]
+    # train.device=cpu: two ranks on a one-GPU machine would otherwise ask for GPU 1.
+    return [f"data.shards={shards}", f"run_dir={run_dir}", "data.backend=torch", "train.device=cpu",
+            *extra]
 
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -144,7 +146,7 @@ def test_sigterm_then_resume_is_bit_identical_to_uninterrupted(packed_shards, tm
         (interrupted / "checkpoints" / "latest").read_text().strip()[5:-3]))["step"]
     assert 3 <= stopped_at < steps
     resumed = ok(single(args(interrupted)))
-    assert f"resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
 
     a = model_state(tmp_path / "straight" / "checkpoints" / f"step_{steps}.pt")
     b = model_state(interrupted / "checkpoints" / f"step_{steps}.pt")
@@ -245,7 +247,8 @@ def test_non_finite_loss_stops_with_the_step(packed_shards, tmp_path):
     p = single(overrides(packed_shards, tmp_path / "run", "optim.name=sgd", "optim.lr=1e30",
                          "train.max_iters=20", "mixup.enabled=false", "loss.name=ce"))
     assert p.returncode != 0
-    assert re.search(r"non-finite loss \(\w+\) at step \d+", p.stderr), p.stderr[-3000:]
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert re.search(r"non-finite loss \(\w+\) in steps? \d+(-\d+)?", p.stderr), p.stderr[-3000:]
 
 
 def test_demo_config_runs_at_reduced_size(tmp_path):

@@ -5,24 +5,27 @@
 
 Training epochs are a pure function of (seed, epoch): each rank reads a disjoint share and runs
 exactly ``steps_per_epoch`` full batches, so DDP ranks never wait on each other at an epoch's end,
-and ``epoch(e, start_step=k)`` resumes at global step ``e * steps_per_epoch + k``. Evaluation
+and ``epoch(e, start_step=k)`` resumes at global step ``e * steps_per_epoch + k``. Streaming
+backends decode and compute features as they go; the feature cache (``data.cache``,
+asc_dist.data.cache) computes them once and serves every epoch from the device. Evaluation
 visits each sample once across ranks; every rank runs the same number of batches, with padding
 rows marked ``valid=False`` (label -1, key ""). Features are raw log-mel dB (not standardised).
 
 ``data.backend``: ``dali`` (asc_dist.data.dali, the only module importing DALI), ``torch``
-(asc_dist.data.torch) or ``auto`` (DALI when importable, else torch, said once on stderr).
+(asc_dist.data.pytorch) or ``auto`` (DALI when importable, else torch, said once on stderr).
+``data.num_threads`` (DALI threads / DataLoader workers per rank) 0 means the CPUs this process
+may use (its affinity, which SLURM and taskset set) shared among the node's ranks.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# The submodule asc_dist.data.torch rebinds the name `torch` in this namespace once imported,
-# so the library is only used under an alias here.
-import torch as _torch
+import torch
 
 from asc_dist.data.manifest import DataError, SplitIndex, load_split
 from asc_dist.data.sharding import eval_steps, train_steps
@@ -32,26 +35,28 @@ __all__ = ["Batch", "BatchSource", "DataError", "build_source", "dali_available"
 
 @dataclass
 class Batch:
-    features: _torch.Tensor  # [B, 1, n_mels, frames] float32 dB on the training device
-    labels: _torch.Tensor  # [B] int64 on device; -1 = unlabelled / padding
-    keys: list[str]  # sample keys; "" for padding rows
-    valid: _torch.Tensor  # [B] bool on device; False = padding (evaluation only)
+    features: torch.Tensor  # [B, 1, n_mels, frames] float32 dB on the training device
+    labels: torch.Tensor  # [B] int64 on device; -1 = unlabelled / padding
+    keys: Sequence[str]  # sample keys; "" for padding rows
+    valid: torch.Tensor  # [B] bool on device; False = padding (evaluation only)
 
 
 class BatchSource:
     """Shared bookkeeping; backends implement :meth:`_epoch` (and :meth:`close`)."""
 
     backend = "?"
+    cached = False  # True: the whole split is resident on the device (asc_dist.data.cache)
 
     def __init__(self, cfg: Any, split: str, *, train: bool, rank: int, world_size: int,
-                 device: _torch.device, batch_size: int, seed: int):
+                 device: torch.device, batch_size: int, seed: int):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         self.cfg, self.split, self.train = cfg, split, train
         self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
-        self.device = _torch.device(device)
+        self.device = torch.device(device)
+        self.num_threads = threads_per_process(int(cfg.data.num_threads))
         self.index: SplitIndex = load_split(cfg.data.shards, split)
         self.classes = list(self.index.classes)
         self.num_samples = self.index.num_samples
@@ -93,6 +98,17 @@ class BatchSource:
                 f"batch {self.batch_size}, {self.steps_per_epoch} steps/epoch, {self.device})")
 
 
+def threads_per_process(configured: int) -> int:
+    """``data.num_threads``, or for 0 this process's CPUs divided among the node's ranks."""
+    if configured > 0:
+        return configured
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 _dali_state: dict[str, Any] = {}
 
 
@@ -132,16 +148,32 @@ def resolve_backend(name: str, *, announce: bool = True) -> str:
 
 
 def build_source(cfg: Any, split: str, *, train: bool, rank: int, world_size: int,
-                 device: _torch.device, batch_size: int, seed: int | None = None) -> BatchSource:
-    """The batch source for ``split`` of ``cfg.data.shards`` on this rank (see module doc)."""
+                 device: torch.device, batch_size: int, seed: int | None = None,
+                 cache: str | None = None) -> BatchSource:
+    """The batch source for ``split`` of ``cfg.data.shards`` on this rank (see module doc).
+
+    ``cache`` (default ``data.cache``): ``device`` keeps the split's features resident
+    (asc_dist.data.cache; every rank must call this together while it is built), ``none``
+    streams, ``auto`` caches when the features fit in ``data.cache_max_gb``.
+    """
     seed = int(cfg.train.seed if seed is None else seed)
     backend = resolve_backend(cfg.data.backend, announce=rank == 0)
     kw = {"train": train, "rank": rank, "world_size": world_size,
-          "device": _torch.device(device), "batch_size": batch_size, "seed": seed}
+          "device": torch.device(device), "batch_size": batch_size, "seed": seed}
     if backend == "dali":
-        from asc_dist.data.dali import DaliSource
+        from asc_dist.data.dali import DaliSource as Stream
+    else:
+        from asc_dist.data.pytorch import TorchSource as Stream
+    mode = cfg.data.cache if cache is None else cache
+    if mode != "none":
+        from asc_dist.data.cache import CachedSource, table_bytes
 
-        return DaliSource(cfg, split, **kw)
-    from asc_dist.data.torch import TorchSource
-
-    return TorchSource(cfg, split, **kw)
+        need = table_bytes(cfg, load_split(cfg.data.shards, split).num_samples)
+        if mode == "device" or need <= cfg.data.cache_max_gb * 2**30:
+            stream = Stream(cfg, split, **{**kw, "train": False})
+            return CachedSource(cfg, split, stream=stream, **kw)
+        if rank == 0:
+            print(f"data.cache=auto: the features of split '{split}' take {need / 2**30:.2f} GiB, "
+                  f"more than data.cache_max_gb={cfg.data.cache_max_gb:g}: streaming them",
+                  file=sys.stderr, flush=True)
+    return Stream(cfg, split, **kw)

@@ -2,26 +2,31 @@
 
 readers.webdataset (tars + their index files from the manifest; shard_id/num_shards split the
 samples into contiguous ranges, pad_last_batch) -> decoders.audio (CPU; FLOAT, downmix, resample
-to the feature rate) -> fixed length -> spectrogram -> mel_filter_bank -> to_decibels, the last
-three on the GPU when the training device is CUDA and the whole pipeline CPU-only
-(``device_id=None``) otherwise. Every setting that differs from torchaudio/librosa defaults is
-pinned (see asc_dist.features), so both backends agree to ~1e-4 dB.
+to the feature rate) -> [GPU] fixed length -> spectrogram -> mel_filter_bank -> to_decibels. With
+a CUDA training device the CPU only reads and decodes; without one the whole pipeline runs on
+the CPU (``device_id=None``). Every setting that differs from torchaudio/librosa defaults is
+pinned (see asc_dist.frontend), so both backends agree to ~1e-4 dB.
 
 Epochs: one pipeline per epoch, seeded from (seed, epoch, shard), with the shard a rank reads
 rotated by the epoch (``shard_id = (rank + epoch) % world``): the rank's epoch is then a pure
-function of (seed, epoch, rank), as resuming needs. Training takes exactly ``steps_per_epoch``
-batches of the rank's range (shuffled within ``data.shuffle_buffer``); evaluation reads the range
-in order and marks rows past its end (DALI's repeated padding) ``valid=False``. A pipeline build
-costs milliseconds (measured in BENCHMARKS.md), against seconds per epoch.
+function of (seed, epoch, rank), as resuming needs. The next epoch's pipeline is built in the
+background while the current one runs. Training takes exactly ``steps_per_epoch`` batches of
+the rank's range (shuffled within ``data.shuffle_buffer``); evaluation reads the range in order
+and marks rows past its end (DALI's repeated padding) ``valid=False``. Resuming mid-epoch
+replays the skipped batches (cheap next to a run; the feature cache, asc_dist.data.cache, makes
+it arithmetic).
 
-Keys come from each sample's ``source_info`` ("<tar>:<offset>:<member name>"). DALI's own errors
-name no sample, so a failing build or run is followed by a scan of the rank's samples
-(:func:`asc_dist.data.manifest.diagnose`) and re-raised as DataError naming shard and key.
+Keys come from each sample's ``source_info`` ("<tar>:<offset>:<member name>"), copied with each
+batch and decoded only when read. DALI's own errors name no sample, so a failing build or run is
+followed by a scan of the rank's samples (:func:`asc_dist.data.manifest.diagnose`) and re-raised
+as DataError naming shard and key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from asc_dist.data import Batch, BatchSource
 from asc_dist.data.manifest import DataError, diagnose
 from asc_dist.data.sharding import derive_seed, shard_range
-from asc_dist.features import clip_samples, hann_window
+from asc_dist.frontend import clip_samples, hann_window
 
 
 def logmel_graph(encoded, cfg_features: Any, gpu: bool):
@@ -42,11 +47,11 @@ def logmel_graph(encoded, cfg_features: Any, gpu: bool):
     f = cfg_features
     audio, _ = fn.decoders.audio(encoded, dtype=types.FLOAT, downmix=True,
                                  sample_rate=float(f.sample_rate))
+    if gpu:  # the CPU threads only read and decode; everything after runs on the device
+        audio = audio.gpu()
     # Pad/crop inside the pipeline: a truncated WAV decodes (silently) short.
     audio = fn.slice(audio, start=[0], shape=[clip_samples(f)], axes=[0],
                      out_of_bounds_policy="pad", fill_values=0.0)
-    if gpu:
-        audio = audio.gpu()
     # Time-major ("tf") spectrogram + mel measured ~20% faster on CPU than the default "ft";
     # one small transpose at the end restores [n_mels, frames].
     spec = fn.spectrogram(audio, nfft=int(f.n_fft), window_length=int(f.win_length),
@@ -80,6 +85,33 @@ def _first_line(e: BaseException) -> str:
     return (f"{op}: {reason}" if op else reason)[:300]
 
 
+class _Keys(Sequence):
+    """Sample keys of one batch, decoded from a copy of DALI's padded source_info on first read."""
+
+    def __init__(self, info: np.ndarray, valid: np.ndarray):
+        self._info, self._valid = info, valid
+
+    @cached_property
+    def _keys(self) -> list[str]:
+        out = []
+        for row, ok in zip(self._info, self._valid):
+            name = row.tobytes().rstrip(b"\0").decode("utf-8", "replace").rsplit(":", 1)[-1]
+            out.append(Path(name).name.split(".", 1)[0] if ok else "")
+        return out
+
+    def __getitem__(self, i):
+        return self._keys[i]
+
+    def __len__(self) -> int:
+        return len(self._valid)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(self._keys)
+
+
 class DaliSource(BatchSource):
     backend = "dali"
 
@@ -91,13 +123,14 @@ class DaliSource(BatchSource):
         self.device_id = (self.device.index if self.device.index is not None
                           else torch.cuda.current_device()) if self.gpu else None
         self._copy_stream = torch.cuda.Stream(self.device) if self.gpu else None
-        self.threads = int(cfg.data.num_threads)
-        self.prefetch = max(1, int(getattr(cfg.data, "prefetch", 2)))
-        self.buffer = max(1, int(getattr(cfg.data, "shuffle_buffer", 256)))
+        self.threads = self.num_threads
+        self.prefetch = int(cfg.data.prefetch)
+        self.buffer = int(cfg.data.shuffle_buffer)
         self.paths = [str(s.path) for s in self.index.shards]
         self.index_paths = [str(s.index_path) for s in self.index.shards]
         self._pipes: list[Pipeline] = []
-        self.last_resume: str | None = None  # how the last epoch(start_step>0) got there
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-build")
+        self._next: tuple[int, Future] | None = None  # (epoch, its pipeline being built)
         # Reading through the index bypasses tar headers, so DALI would not notice a corrupt one;
         # check them (and the WAV magic) once for every sample this source can reach.
         reach = range(self.num_samples) if self.train else range(*shard_range(
@@ -111,17 +144,15 @@ class DaliSource(BatchSource):
     def shard_id(self, epoch: int) -> int:
         return (self.rank + epoch) % self.world_size if self.train else self.rank
 
-    def build_pipeline(self, epoch: int, *, decode: bool = True, checkpointing: bool = False,
-                       checkpoint: bytes | None = None) -> Pipeline:
-        """The epoch's pipeline; ``decode=False`` keeps only the reader (for fast-forwarding)."""
+    def build_pipeline(self, epoch: int) -> Pipeline:
+        """The epoch's pipeline, built and ready to run."""
         shard_id = self.shard_id(epoch)
         seed = derive_seed(self.seed, epoch, shard_id, 0xDA11)
         # exec_dynamic=False: the classic pipelined executor measured ~1.3x faster on this
         # CPU-bound graph than 2.x's default dynamic one (BENCHMARKS.md).
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.threads,
-                        device_id=self.device_id if decode else None, seed=seed,
-                        prefetch_queue_depth=self.prefetch, exec_dynamic=False,
-                        enable_checkpointing=checkpointing, checkpoint=checkpoint)
+                        device_id=self.device_id, seed=seed, prefetch_queue_depth=self.prefetch,
+                        exec_dynamic=False)
         with pipe:
             wav, label = fn.readers.webdataset(
                 paths=self.paths, index_paths=self.index_paths,
@@ -130,42 +161,24 @@ class DaliSource(BatchSource):
                 shard_id=shard_id, num_shards=self.world_size, pad_last_batch=True,
                 random_shuffle=self.train, initial_fill=self.buffer, seed=seed, name="reader",
             )
-            info = fn.get_property(wav, key="source_info")
-            if decode:
-                pipe.set_outputs(logmel_graph(wav, self.cfg.features, self.gpu), label, info)
-            else:
-                pipe.set_outputs(label, info)
+            # Padded to one length so a batch copies out as one array (decoded lazily: _Keys).
+            info = fn.pad(fn.get_property(wav, key="source_info"), fill_value=0)
+            pipe.set_outputs(logmel_graph(wav, self.cfg.features, self.gpu), label, info)
         try:
             pipe.build()
         except Exception as e:  # noqa: BLE001 - any DALI failure becomes a DataError naming data
+            _shutdown(pipe)
             raise self._data_error(e, shard_id, "building the pipeline") from None
         return pipe
 
-    def _fast_forward(self, epoch: int, steps: int) -> tuple[Pipeline | None, list[str]]:
-        """A decoding pipeline positioned after ``steps`` batches without decoding them.
-
-        A reader-only pipeline (same reader arguments, so the same sample sequence) runs
-        ``steps`` batches, its reader state is spliced into a fresh full pipeline's checkpoint
-        and the full pipeline is built from it. Returns (pipeline, keys its next batch must
-        have) or (None, []) when DALI's checkpoint format is not the one expected.
-        """
-        light = self.build_pipeline(epoch, decode=False, checkpointing=True)
-        try:
-            for step in range(steps + 1):
-                out = self._run(light, self.shard_id(epoch), step, epoch)
-                if step == steps - 1:
-                    state = light.checkpoint()
-            expect = _keys(out[1])
-        finally:
-            _shutdown(light)
-        try:
-            fresh = self.build_pipeline(epoch, checkpointing=True)
-            template = fresh.checkpoint()
-            _shutdown(fresh)
-            spliced = _splice_checkpoint(template, state)
-        except Exception:  # noqa: BLE001 - any surprise here just means: replay instead
-            return None, []
-        return self.build_pipeline(epoch, checkpointing=True, checkpoint=spliced), expect
+    def _pipeline(self, epoch: int) -> Pipeline:
+        """The epoch's pipeline: the one prebuilt in the background if it is this epoch's."""
+        ahead, self._next = self._next, None
+        if ahead is not None:
+            if ahead[0] == epoch:
+                return ahead[1].result()
+            _discard(ahead[1])
+        return self.build_pipeline(epoch)
 
     def _data_error(self, e: BaseException, shard_id: int, doing: str) -> DataError:
         lo, hi = shard_range(self.num_samples, shard_id, self.world_size)
@@ -196,12 +209,11 @@ class DaliSource(BatchSource):
             out = torch.empty(shape, dtype=torch.float32, device=self.device)
             feed_ndarray(feats.as_tensor(), out)
         lab = np.asarray(labels.as_tensor()).reshape(-1).astype(np.int64)
-        keys = _keys(info)
         valid = np.arange(first_row, first_row + self.batch_size) < count
         lab[~valid] = -1
-        keys = [k if v else "" for k, v in zip(keys, valid)]
         return Batch(features=out, labels=torch.from_numpy(lab).to(self.device, non_blocking=True),
-                     keys=keys, valid=torch.from_numpy(valid).to(self.device, non_blocking=True))
+                     keys=_Keys(np.array(info.as_array()), valid),
+                     valid=torch.from_numpy(valid).to(self.device, non_blocking=True))
 
     def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
         if start_step >= self.steps_per_epoch:
@@ -210,31 +222,15 @@ class DaliSource(BatchSource):
         lo, hi = shard_range(self.num_samples, shard_id, self.world_size)
         # Training never reaches the padding: a share holds >= steps * batch samples.
         count = self.steps_per_epoch * self.batch_size if self.train else hi - lo
-        pipe, replay, first = None, start_step, None
-        if start_step:
-            pipe, expect = self._fast_forward(epoch, start_step)
-            if pipe is not None:
-                try:
-                    first = self._run(pipe, shard_id, start_step, epoch)
-                except BaseException:
-                    _shutdown(pipe)
-                    raise
-                if _keys(first[2]) == expect:
-                    replay, self.last_resume = 0, "fast-forward"
-                else:  # not where it should be: fall back to replaying (decoding) the skipped steps
-                    _shutdown(pipe)
-                    pipe, first = None, None
-        if pipe is None:
-            pipe = self.build_pipeline(epoch)
-            self.last_resume = "replay" if start_step else None
+        pipe = self._pipeline(epoch)
         self._pipes.append(pipe)
+        if self.train:  # the next epoch's pipeline builds while this one runs
+            self._next = (epoch + 1, self._builder.submit(self.build_pipeline, epoch + 1))
         try:
-            for step in range(start_step - replay, self.steps_per_epoch):
-                out = first if first is not None else self._run(pipe, shard_id, step, epoch)
-                first = None
-                if step < start_step:
-                    continue
-                yield self._to_torch(*out, step * self.batch_size, count)
+            for step in range(self.steps_per_epoch):
+                out = self._run(pipe, shard_id, step, epoch)
+                if step >= start_step:  # earlier steps are replayed to reach start_step
+                    yield self._to_torch(*out, step * self.batch_size, count)
         finally:
             if pipe in self._pipes:
                 self._pipes.remove(pipe)
@@ -250,67 +246,17 @@ class DaliSource(BatchSource):
         """Stop the DALI threads of any epoch still open (e.g. one abandoned at max_iters)."""
         while self._pipes:
             _shutdown(self._pipes.pop())
+        if self._next is not None:
+            _discard(self._next[1])
+            self._next = None
+        self._builder.shutdown(wait=True)
 
 
-def _keys(info) -> list[str]:
-    """Sample keys from source_info strings '<tar>:<offset>:<member name>'."""
-    names = (np.asarray(info[i]).tobytes().decode("utf-8", "replace").rsplit(":", 1)[-1]
-             for i in range(len(info)))
-    return [Path(n).name.split(".", 1)[0] for n in names]
-
-
-# DALI checkpoints are protobuf: field 1 repeated {1: operator name, 2: state}, field 2 the
-# external (iterator) context. Only length-delimited fields occur, so a tiny codec suffices.
-def _pb_fields(buf: bytes) -> list[tuple[int, bytes]]:
-    out, i = [], 0
-    while i < len(buf):
-        tag = buf[i]
-        i += 1
-        if tag & 7 != 2:
-            raise ValueError(f"unexpected protobuf wire type {tag & 7}")
-        n = shift = 0
-        while True:
-            b = buf[i]
-            i += 1
-            n |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
-        out.append((tag >> 3, bytes(buf[i:i + n])))
-        i += n
-    return out
-
-
-def _pb_encode(fields: list[tuple[int, bytes]]) -> bytes:
-    out = bytearray()
-    for num, data in fields:
-        out.append((num << 3) | 2)
-        n = len(data)
-        while n >= 0x80:
-            out.append((n & 0x7F) | 0x80)
-            n >>= 7
-        out.append(n)
-        out += data
-    return bytes(out)
-
-
-def _splice_checkpoint(template: bytes, reader_state: bytes) -> bytes:
-    """``template`` (a full pipeline's checkpoint) with the reader operator's state and the
-    iteration context taken from ``reader_state`` (a reader-only pipeline's checkpoint)."""
-    template, reader_state = bytes(template), bytes(reader_state)
-    light = _pb_fields(reader_state)
-    ops = {dict(_pb_fields(d)).get(1): d for f, d in light if f == 1}
-    ctx = [d for f, d in light if f == 2]
-    out, replaced = [], False
-    for f, d in _pb_fields(template):
-        if f == 1 and dict(_pb_fields(d)).get(1) == b"reader":
-            d, replaced = ops[b"reader"], True
-        elif f == 2 and ctx:
-            d = ctx[0]
-        out.append((f, d))
-    if not replaced:
-        raise ValueError("no reader state in the checkpoint")
-    return _pb_encode(out)
+def _discard(future: Future) -> None:
+    try:
+        _shutdown(future.result())
+    except Exception:  # noqa: BLE001 - a failed prebuild is rebuilt (and reported) when needed
+        pass
 
 
 def _shutdown(pipe: Pipeline) -> None:

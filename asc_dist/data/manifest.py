@@ -10,15 +10,14 @@ shard and key.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class DataError(RuntimeError):
-    """Bad or missing shard data; the message names the shard (and the sample key where known)."""
+from asc_dist.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -106,15 +105,28 @@ def _parse_index(shard: Shard, audio_ext: str, label_ext: str, shard_pos: int) -
     return out
 
 
+def require_split(root: str | os.PathLike, split: str) -> Path:
+    """``<root>/<split>``, or a DataError saying how to make it."""
+    split_dir = Path(root) / split
+    if not (split_dir / "manifest.json").is_file():
+        raise DataError(
+            f"no manifest at {split_dir / 'manifest.json'} (data.shards={root}, split '{split}'): "
+            f"pack the dataset with 'python -m asc_dist.pack DATASET {root}'"
+        )
+    return split_dir
+
+
+def manifest_digest(split_dir: Path) -> str:
+    """Identity of a packed split: re-packing into the same folder changes it."""
+    manifest = json.loads((split_dir / "manifest.json").read_text())
+    ids = [(s.get("name"), s.get("sha256"), s.get("samples")) for s in manifest.get("shards", [])]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
 def load_split(root: str | os.PathLike, split: str) -> SplitIndex:
     """Read and cross-check ``<root>/<split>/manifest.json``, its tars and index files."""
-    split_dir = Path(root) / split
+    split_dir = require_split(root, split)
     mpath = split_dir / "manifest.json"
-    if not mpath.is_file():
-        raise DataError(
-            f"no manifest at {mpath} (data.shards={root}, split '{split}'): pack the dataset with "
-            f"'python -m asc_dist.pack DATASET {root}'"
-        )
     try:
         m = json.loads(mpath.read_text())
         classes = list(m["classes"])

@@ -1,9 +1,12 @@
-"""Who reads what, per rank and epoch: the arithmetic both backends share.
+"""Who reads what, per rank and epoch: the arithmetic every batch source shares.
 
 Training: every rank runs ``floor(N / (batch * world))`` steps of full batches from a disjoint
-share; the few samples left over are dropped (a different few each epoch). Evaluation: rank r
-reads the contiguous range ``[N*r//W, N*(r+1)//W)`` (DALI's own shard split) in stored order,
-every rank runs ``ceil(ceil(N/W) / batch)`` steps, and rows past a rank's range are padding.
+share; the few samples left over are dropped (a different few each epoch). Streaming sources
+(:func:`train_plan`) mix within each rank's share, near-sequentially through the tars; the
+feature cache (:func:`global_plan`) draws every epoch as one permutation of the whole split.
+Evaluation: rank r reads the contiguous range ``[N*r//W, N*(r+1)//W)`` (DALI's own shard
+split) in stored order, every rank runs ``ceil(ceil(N/W) / batch)`` steps, and rows past a
+rank's range are padding.
 """
 
 from __future__ import annotations
@@ -85,3 +88,13 @@ def eval_plan(num_samples: int, *, rank: int, world_size: int, batch_size: int) 
     steps = eval_steps(num_samples, batch_size, world_size)
     ids += [-1] * (steps * batch_size - len(ids))
     return [ids[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
+def global_plan(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int,
+                batch_size: int) -> np.ndarray:
+    """[steps, batch] sample ids of ``rank`` for ``epoch``: one permutation of the whole split, a
+    pure function of (seed, epoch), cut into global batches of which rank r takes the r-th slice.
+    Every sample is used at most once per epoch across ranks (the remainder is dropped)."""
+    perm = np.random.default_rng(derive_seed(seed, epoch, 0x61_0BA1)).permutation(num_samples)
+    steps = train_steps(num_samples, batch_size, world_size)
+    return perm[: steps * batch_size * world_size].reshape(steps, world_size, batch_size)[:, rank]

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from asc_dist import audio
 from asc_dist.data import Batch, BatchSource
 from asc_dist.data.manifest import DataError, SplitIndex, read_member
 from asc_dist.data.sharding import eval_plan, train_plan
-from asc_dist.features import LogMel, clip_samples, decode_audio, fix_length
+from asc_dist.frontend import LogMel, clip_samples, fix_length
 
 
 class ShardSamples(Dataset):
@@ -66,7 +67,7 @@ class ShardSamples(Dataset):
                                 f"{len(self.index.classes)} classes of the manifest")
             raw = read_member(fd, self.index, i, "audio")
             try:
-                wave = decode_audio(raw, self.sample_rate, name=self.index.where(i))
+                wave = torch.from_numpy(audio.decode(raw, self.sample_rate, name=self.index.where(i)))
             except ValueError as e:
                 raise DataError(str(e)) from None
             wave = fix_length(wave, self.num_samples)
@@ -106,9 +107,9 @@ class TorchSource(BatchSource):
         self.cuda = self.device.type == "cuda"
         self.dataset = ShardSamples(self.index, cfg.features, features_here=not self.cuda)
         self.logmel = LogMel(cfg.features).to(self.device) if self.cuda else None
-        self.workers = int(cfg.data.num_threads)
-        self.prefetch = max(1, int(getattr(cfg.data, "prefetch", 2)))
-        self.buffer = int(getattr(cfg.data, "shuffle_buffer", 256))
+        self.workers = self.num_threads
+        self.prefetch = int(cfg.data.prefetch)
+        self.buffer = int(cfg.data.shuffle_buffer)
         self._loaders: list[Any] = []
 
     def plan(self, epoch: int) -> list[list[int]]:

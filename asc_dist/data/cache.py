@@ -1,0 +1,191 @@
+"""The feature cache: each clip's log-mel computed once, the whole split kept on the training device.
+
+The paper's front end is deterministic (mixup acts on features inside the batch), so streaming
+recomputes identical log-mels every epoch. With ``data.cache=device`` (or ``auto`` when the
+split fits in ``data.cache_max_gb``) the first use of a split runs it once through the
+configured streaming backend (DALI builds the log-mel on the GPU when there is one) and every
+rank then holds all of its features and labels as one tensor on its device:
+
+* building: each rank computes its contiguous share in stored order (the evaluation plan) and
+  the shares are all-gathered: W ranks build W times faster than one, and the result is the
+  same tensor on every rank. Rank 0 persists it beside the shards as
+  ``<split>/features-<settings hash>-<backend>-<device type>.pt``, keyed by the feature settings
+  and the split's manifest digest and checked by a checksum, written atomically; a later run
+  (every Table I row and seed) loads it in seconds. A stale or corrupt file is rebuilt.
+* training: every epoch is one permutation of the whole split, a pure function of (seed,
+  epoch) (:func:`asc_dist.data.sharding.global_plan`); rank r takes its slice of each global
+  batch, so resuming at any step is arithmetic. A step is an index_select on the device.
+* evaluation: the evaluation plan of the streaming sources, each clip once across ranks.
+
+Features are bit-identical to the streamed ones of the same backend and device (each clip is
+computed by the same code, alone or in the same batch layout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from asc_dist import atomic, dist
+from asc_dist.atomic import NoSpaceError
+from asc_dist.data import Batch, BatchSource
+from asc_dist.data.manifest import manifest_digest
+from asc_dist.data.sharding import eval_plan, global_plan
+from asc_dist.frontend import settings, settings_hash
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class FeatureTable:
+    """A whole split: features [N, 1, n_mels, frames] float32, labels [N] int64, keys, on a device."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * self.features.element_size()
+
+
+def table_bytes(cfg: Any, num_samples: int) -> int:
+    return num_samples * int(cfg.features.n_mels) * int(cfg.features.frames) * 4
+
+
+def cache_path(cfg: Any, split: str, backend: str, device: torch.device) -> Path:
+    name = f"features-{settings_hash(cfg.features)}-{backend}-{device.type}.pt"
+    return Path(cfg.data.shards) / split / name
+
+
+def _checksum(features: torch.Tensor) -> str:
+    return hashlib.blake2b(features.contiguous().view(torch.uint8).numpy().data, digest_size=16).hexdigest()
+
+
+def load_table(path: Path, cfg: Any, digest: str, device: torch.device) -> FeatureTable | None:
+    """The persisted table, or None when it is missing, stale (other settings or shards) or
+    corrupt (unreadable, wrong shape, checksum mismatch)."""
+    if not path.is_file():
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (d["version"] == CACHE_VERSION and d["manifest"] == digest
+              and d["features_settings"] == settings(cfg.features)
+              and tuple(d["features"].shape[1:]) == (1, int(cfg.features.n_mels), int(cfg.features.frames))
+              and len(d["keys"]) == d["features"].shape[0] == d["labels"].shape[0]
+              and d["checksum"] == _checksum(d["features"]))
+    except Exception as e:  # noqa: BLE001 - any damage means: rebuild
+        print(f"feature cache {path} is unreadable ({type(e).__name__}); rebuilding it",
+              file=sys.stderr, flush=True)
+        return None
+    if not ok:
+        print(f"feature cache {path} is stale or damaged; rebuilding it", file=sys.stderr, flush=True)
+        return None
+    return FeatureTable(d["features"].to(device), d["labels"].to(device), list(d["keys"]))
+
+
+def save_table(path: Path, table: FeatureTable, cfg: Any, digest: str, backend: str) -> None:
+    features = table.features.cpu()
+    state = {"version": CACHE_VERSION, "manifest": digest, "features_settings": settings(cfg.features),
+             "backend": backend, "features": features, "labels": table.labels.cpu(),
+             "keys": list(table.keys), "checksum": _checksum(features)}
+    try:
+        with atomic.writing(path, what="feature cache", need_bytes=table.nbytes) as f:
+            torch.save(state, f)
+    except (OSError, NoSpaceError) as e:  # read-only or full dataset storage: this run still has it
+        print(f"warning: cannot persist the feature cache at {path} ({e}); it is rebuilt next run",
+              file=sys.stderr, flush=True)
+
+
+def build_table(stream: BatchSource, progress: bool) -> FeatureTable:
+    """Run this rank's evaluation share of ``stream`` once, then all-gather the shares."""
+    feats, labels, keys = [], [], []
+    batches = stream.epoch(0)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=stream.steps_per_epoch, unit="batch", file=sys.stderr,
+                       desc=f"feature cache '{stream.split}' ({stream.backend}, {stream.device.type})")
+    for b in batches:
+        valid = b.valid.cpu()
+        feats.append(b.features[valid.to(b.features.device)])
+        labels.append(b.labels[valid.to(b.labels.device)])
+        keys += [k for k, ok in zip(b.keys, valid.tolist()) if ok]
+    # Shares are contiguous and in rank order, so concatenation restores the stored order.
+    features = dist.all_gather_rows(torch.cat(feats))
+    all_labels = dist.all_gather_rows(torch.cat(labels))
+    all_keys = [k for share in dist.all_gather_objects(keys) for k in share]
+    return FeatureTable(features, all_labels, all_keys)
+
+
+def load_or_build(stream: BatchSource, progress: bool = True) -> FeatureTable:
+    """The split's table on every rank: loaded if a valid file exists for all ranks, else built
+    collectively from ``stream`` (an evaluation-mode source of this rank) and persisted."""
+    cfg, device = stream.cfg, stream.device
+    path = cache_path(cfg, stream.split, stream.backend, device)
+    digest = manifest_digest(stream.index.dir)
+    table = load_table(path, cfg, digest, device)
+    if not dist.any_rank(table is None, device):
+        return table
+    table = build_table(stream, progress)
+    if stream.rank == 0:
+        save_table(path, table, cfg, digest, stream.backend)
+    return table
+
+
+class _Keys(Sequence):
+    """The keys of a batch's rows, looked up only when read (training never reads them)."""
+
+    def __init__(self, keys: list[str], ids: np.ndarray):
+        self._keys, self._ids = keys, ids
+
+    def __getitem__(self, i):
+        j = self._ids[i]
+        return self._keys[j] if j >= 0 else ""
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+
+class CachedSource(BatchSource):
+    """Batches from a :class:`FeatureTable` on the device (see the module doc)."""
+
+    cached = True
+
+    def __init__(self, cfg: Any, split: str, *, stream: BatchSource, progress: bool = True, **kw):
+        super().__init__(cfg, split, **kw)
+        self.backend = f"{stream.backend}+cache"
+        try:
+            self.table = load_or_build(stream, progress=progress and self.rank == 0)
+        finally:
+            stream.close()
+        self._valid = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+
+    def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
+        if self.train:
+            plan = global_plan(self.num_samples, seed=self.seed, epoch=epoch, rank=self.rank,
+                               world_size=self.world_size, batch_size=self.batch_size)
+        else:
+            plan = np.asarray(eval_plan(self.num_samples, rank=self.rank, world_size=self.world_size,
+                                        batch_size=self.batch_size))
+        # One host-to-device copy per epoch; a step is then an index_select on the device.
+        on_device = torch.from_numpy(np.maximum(plan, 0)).to(self.device)
+        valid = torch.from_numpy(plan >= 0).to(self.device)
+        for step in range(start_step, len(plan)):
+            ids = on_device[step]
+            labels = self.table.labels.index_select(0, ids)
+            ok = self._valid if self.train else valid[step]
+            if not self.train:
+                labels = torch.where(ok, labels, -1)
+            yield Batch(features=self.table.features.index_select(0, ids), labels=labels,
+                        keys=_Keys(self.table.keys, plan[step]), valid=ok)

@@ -1,0 +1,3 @@
+from asc_dist.pack.cli import main
+
+raise SystemExit(main())

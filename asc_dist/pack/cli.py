@@ -1,0 +1,66 @@
+"""``python -m asc_dist.pack DATASET_DIR OUT_DIR [options]``: the packer's command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from asc_dist import audio
+from asc_dist.cli import command
+from asc_dist.pack import PackOptions, pack
+from asc_dist.pack.layouts import LAYOUTS
+
+
+@command("asc_dist.pack")
+def main(argv: list[str] | None = None) -> int:
+    d = PackOptions()
+    ap = argparse.ArgumentParser(
+        prog="python -m asc_dist.pack",
+        description=(
+            "Pack an audio dataset (TUT 2018 / TAU 2019-2020 layout, or a CSV list) into "
+            "WebDataset tar shards with DALI index files and a manifest per split. Existing "
+            "output splits are refused unless --overwrite is given; with --overwrite each split is "
+            "replaced atomically only after all splits were written (a failed run changes nothing)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("dataset_dir", help="dataset folder (e.g. TUT-urban-acoustic-scenes-2018-development)")
+    ap.add_argument("out_dir", help="output root; splits go to OUT_DIR/<split>/")
+    ap.add_argument("--layout", choices=LAYOUTS, default=d.layout,
+                    help="tut2018: fold<k>_train/evaluate.txt (no fold files -> unlabelled 'eval' split); "
+                    "tau2019: fold<k>_*.csv with header; csv: filename,label list")
+    ap.add_argument("--fold", type=int, default=d.fold)
+    ap.add_argument("--csv", dest="csv_path", help="CSV list for --layout csv (default: the one *.csv in DATASET_DIR)")
+    ap.add_argument("--split", help="split name for csv / unlabelled folders (default train / eval)")
+    ap.add_argument("--splits", help="comma list: pack only these splits (e.g. one per array task); "
+                    "default all")
+    ap.add_argument("--classes", help="class list: comma-separated, a text file, or a manifest.json "
+                    "(default: the labels found in meta.csv and the lists)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="decode/convert processes")
+    ap.add_argument("--on-error", choices=("fail", "skip"), default=d.on_error,
+                    help="fail: stop at the first bad clip; skip: leave it out and list it in the manifest")
+    ap.add_argument("--sample-rate", type=int, default=d.sample_rate, help="stored sample rate")
+    ap.add_argument("--keep-channels", action="store_true", help="keep the source channels (default: mono mean)")
+    ap.add_argument("--subtype", default=d.subtype, help="stored WAV subtype")
+    ap.add_argument("--shard-size-mb", type=float, default=d.shard_size_mb, help="max shard size (MiB)")
+    ap.add_argument("--shard-max-samples", type=int, default=d.shard_max_samples, help="max samples per shard")
+    ap.add_argument("--seed", type=int, default=d.seed, help="pack-time shuffle seed")
+    ap.add_argument("--expect-sample-rate", type=int, default=d.expect_sample_rate, help="reject clips at another rate")
+    ap.add_argument("--expect-duration", type=float, default=d.expect_duration, help="reject clips of another length (s)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing output splits (atomically)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = vars(ap.parse_args(argv))
+    dataset, out = a.pop("dataset_dir"), a.pop("out_dir")
+    splits, no_progress = a.pop("splits"), a.pop("no_progress")
+    audio.tune_malloc()
+    pack(dataset, out, PackOptions(**a, only=tuple(splits.split(",")) if splits else None,
+                                   progress=not no_progress))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
