@@ -28,9 +28,11 @@ from asc_dist.cli import command
 from asc_dist.errors import ConfigError
 
 _PACKAGE = Path(__file__).resolve().parent
-# The model families asc_dist.model builds (a test checks it builds exactly these).
+# The models asc_dist.model builds (a test checks it builds exactly these): torchvision ResNets,
+# timm's squeeze-and-excitation ResNets (Table I's SE-ResNet row), the DCASE 2018 baseline CNN.
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-MODEL_NAMES = (*RESNETS, "dcase_baseline")
+SERESNETS = ("seresnet18", "seresnet34", "seresnet50")
+MODEL_NAMES = (*RESNETS, *SERESNETS, "dcase_baseline")
 
 
 def conf_dir() -> Path:
@@ -101,7 +103,10 @@ class ModelConfig:
     input_adapt: str = "sum"  # sum: 1-channel conv1 = sum of RGB filters | repeat: input x3
     resize: list[int] | None = None  # [H, W] to interpolate the log-mel to, or null
     channels_last: bool = True  # used on CUDA only
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (after the DDP wrap)
+    # reduce-overhead: CUDA-graph capture of forward and backward, for small per-GPU batches
+    # where launching kernels costs more than running them; off by default until measured
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
 
 
 @dataclass
@@ -178,6 +183,7 @@ _CHOICES = {
     "data.backend": {"dali", "torch", "auto"},
     "data.cache": {"device", "auto", "none"},
     "model.input_adapt": {"sum", "repeat"},
+    "model.compile_mode": {"default", "reduce-overhead", "max-autotune"},
     "loss.name": {"focal", "ce"},
     "optim.name": {"adabound", "adam", "sgd"},
     "train.precision": {"auto", "bf16", "fp32"},

@@ -6,8 +6,9 @@
 CHECKPOINT is a ``.pt`` file or a run dir (its newest complete checkpoint). The model, front end
 and class list come from the checkpoint (asc_dist.restore), so only the split being scored has to
 be on this machine. Every sample is scored exactly once across ranks (asc_dist.validate), so 1
-and N processes give the same report. Writes report.json, report.md, confusion.png and
-per_class.png to ``--out`` (default ``<run_dir>/eval/<split>-step<N>/``).
+and N processes give the same report. Writes report.json, report.md, confusion.png,
+per_class.png, predictions.tsv and, for a run's checkpoint, the run's training curves
+(curves.png) to ``--out`` (default ``<run_dir>/eval/<split>-step<N>/``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from asc_dist.cli import command
 from asc_dist.data import build_source
 from asc_dist.errors import ConfigError, DataError
 from asc_dist.metrics import format_report
+from asc_dist.plots import plot_curves
 from asc_dist.restore import checkpoint_config, resolve_checkpoint, restore
+from asc_dist.tracking import read_metrics
 from asc_dist.validate import evaluate, sample_groups, write_report_files
 
 
@@ -67,8 +70,9 @@ def run(args: argparse.Namespace, env: dist.DistEnv, state: dict | None = None) 
             groups = sample_groups(eval_cfg, split)
         except FileNotFoundError:  # breakdowns are a bonus; a split without metadata still scores
             groups = ({}, {})
-        report = evaluate(restored.model, source, restored.standardize, groups,
-                          restored.autocast(env.device), progress=env.is_main and not args.quiet)
+        report, preds = evaluate(restored.model, source, restored.standardize, groups,
+                                 restored.autocast(env.device), progress=env.is_main and not args.quiet,
+                                 keep=True)
     finally:
         source.close()
     report = {
@@ -82,9 +86,13 @@ def run(args: argparse.Namespace, env: dist.DistEnv, state: dict | None = None) 
                     f"`{Path(shards) / split}`; {env.world_size} process(es), {source.backend} "
                     f"backend, {env.device.type}\n")
         write_report_files(out, report, classes, title=f"Evaluation of {cfg.name} at step "
-                           f"{restored.step}", preamble=preamble)
+                           f"{restored.step}", preamble=preamble, preds=preds)
+        metrics = restored.path.parent.parent / "metrics.jsonl"  # the run's, for a run's checkpoint
+        curves = plot_curves(read_metrics(metrics), out / "curves.png",
+                             title=f"{cfg.name} (training)") if metrics.is_file() else None
         print(format_report(report, classes), flush=True)
-        print(f"wrote {out}/report.json, report.md, confusion.png, per_class.png", flush=True)
+        print(f"wrote {out}/report.json, report.md, confusion.png, per_class.png, predictions.tsv"
+              + (", curves.png" if curves else ""), flush=True)
     return report
 
 

@@ -1,4 +1,5 @@
-"""Models: torchvision ResNets adapted to 1-channel log-mels, and the DCASE 2018 baseline CNN.
+"""Models: torchvision ResNets and timm SE-ResNets adapted to 1-channel log-mels, and the DCASE
+2018 baseline CNN.
 
 Input is ``[B, 1, n_mels, T]`` float, output ``[B, num_classes]`` logits; any ``T`` works
 because every model ends in adaptive pooling.
@@ -39,7 +40,7 @@ from torch import nn
 from torchvision.models import get_model_weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from asc_dist.config import ModelConfig
+from asc_dist.config import SERESNETS, ModelConfig
 from asc_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,31 @@ class SpecResNet(ResNet):
         if self.input_adapt == "repeat":
             x = x.expand(-1, 3, -1, -1)
         return super().forward(x)
+
+
+class SpecTimm(nn.Module):
+    """A timm model (``seresnet*``: squeeze-and-excitation ResNets) on ``[B, 1, H, W]`` input.
+
+    ``sum`` builds it with a 1-channel stem (timm's ``in_chans=1``); ``repeat`` keeps the RGB stem
+    and repeats the input. Its weights live under ``net.``.
+    """
+
+    def __init__(self, name: str, num_classes: int, input_adapt: str = "sum",
+                 resize: tuple[int, int] | None = None):
+        super().__init__()
+        import timm  # only the SE-ResNet rows need it
+
+        self.input_adapt, self.resize = input_adapt, resize
+        self.net = timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                     in_chans=1 if input_adapt == "sum" else 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_input(x)
+        if self.resize is not None:
+            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
+        if self.input_adapt == "repeat":
+            x = x.expand(-1, 3, -1, -1)
+        return self.net(x)
 
 
 class DcaseBaseline(nn.Module):
@@ -173,9 +199,12 @@ def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor],
     """
     own = model.state_dict()
     state_dict = dict(state_dict)
-    w = state_dict.get("conv1.weight")
-    if w is not None and "conv1.weight" in own and w.shape[1] == 3 and own["conv1.weight"].shape[1] == 1:
-        state_dict["conv1.weight"] = w.sum(dim=1, keepdim=True)
+    if not own.keys() & state_dict.keys() and {f"net.{k}" for k in state_dict} & own.keys():
+        state_dict = {f"net.{k}": v for k, v in state_dict.items()}  # a timm file for SpecTimm
+    stem = "net.conv1.weight" if "net.conv1.weight" in own else "conv1.weight"
+    w = state_dict.get(stem)
+    if w is not None and stem in own and w.shape[1] == 3 and own[stem].shape[1] == 1:
+        state_dict[stem] = w.sum(dim=1, keepdim=True)
     report = LoadReport(source=source)
     for k in list(state_dict):
         if k in own and state_dict[k].shape != own[k].shape:
@@ -200,7 +229,7 @@ def _log_report(report: LoadReport) -> None:
     log.info("loaded %d tensors from %s", len(report.loaded), report.source)
     # A new head is the point of transfer learning; anything else not loaded deserves a warning.
     def head(k: str) -> bool:
-        return k.split(" ")[0].startswith(("fc.", "classifier."))
+        return k.split(" ")[0].startswith(("fc.", "net.fc.", "classifier."))
 
     for kind in ("skipped", "missing", "unexpected"):
         keys = getattr(report, kind)
@@ -218,6 +247,8 @@ def build_model(cfg_model: ModelConfig, num_classes: int) -> nn.Module:
     if cfg_model.name in RESNETS:
         block, layers = RESNETS[cfg_model.name]
         model: nn.Module = SpecResNet(block, layers, num_classes, cfg_model.input_adapt, resize)
+    elif cfg_model.name in SERESNETS:
+        model = SpecTimm(cfg_model.name, num_classes, cfg_model.input_adapt, resize)
     else:
         model = DcaseBaseline(num_classes, resize)
 

@@ -117,7 +117,7 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
     model = dist.wrap_model(model, env, sync_bn=cfg.train.sync_bn,
                             grad_compress=cfg.train.grad_compress)
     if cfg.model.compile:  # after the DDP wrap, so DDP's hooks see the compiled graph's breaks
-        model.compile()
+        model.compile(mode=cfg.model.compile_mode)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     return Parts(
         *sources, classes, stats,
@@ -208,7 +208,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
         stop = dist.StopSignal()
         mix_gen = torch.Generator(device=env.device)
         loss_sum, since = torch.zeros((), device=env.device), start + 1
-        step, report, stopping = start, {}, False
+        step, report, preds, stopping = start, {}, None, False
         batches = epochs_from(p.train_src, start) if start < tc.max_iters else iter(())
         for step, batch in progress.iterate(batches, start):
             if step == start + 1 and tracker.wants_images:
@@ -219,6 +219,8 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
             if progress.due(step):
                 window = progress.window(step, loss=mean_loss(loss_sum, since, step),
                                          lr=p.optimizer.param_groups[0]["lr"])
+                if env.device.type == "cuda":  # the allocator's own counter: no synchronisation
+                    window["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
                 tracker.log(step, {f"train/{k}": v for k, v in window.items()})
                 loss_sum.zero_()
                 since = step + 1
@@ -226,7 +228,8 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
             with progress.paused():
                 is_best = False
                 if step % tc.eval_every == 0 or step == tc.max_iters:
-                    report = evaluate(p.model, p.test_src, p.standardize, groups, p.autocast)
+                    report, preds = evaluate(p.model, p.test_src, p.standardize, groups, p.autocast,
+                                             keep=step == tc.max_iters)
                     tracker.log_eval(step, report, p.classes)
                     is_best, best = report["classwise_accuracy"] > best, max(best, report["classwise_accuracy"])
                     if env.is_main:
@@ -238,7 +241,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
                 break
         if stopping and env.is_main:
             print(f"stop signal received: checkpointed at step {step}; rerun to resume", flush=True)
-        finish(cfg, env, p, run_dir, start, step, report)
+        finish(cfg, env, p, run_dir, start, step, report, preds)
         tracker.summary({"best_classwise_accuracy": best, "step": step})
     finally:
         if stop is not None:
@@ -254,7 +257,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
 
 
 def finish(cfg: DictConfig, env: dist.DistEnv, p: Parts, run_dir: Path, start: int, step: int,
-           report: dict) -> None:
+           report: dict, preds) -> None:
     if not dist.replicas_in_sync(dist.unwrap(p.model)):
         raise RuntimeError(f"DDP replicas diverged: parameters differ across ranks at step {step}")
     if not env.is_main:
@@ -266,7 +269,7 @@ def finish(cfg: DictConfig, env: dist.DistEnv, p: Parts, run_dir: Path, start: i
               f"(resume=never or a new name= starts over)", flush=True)
         return
     if step >= cfg.train.max_iters and report:
-        write_report(run_dir, report, p.classes, step)
+        write_report(run_dir, report, p.classes, step, preds)
         print(format_report(report, p.classes), flush=True)
     curves = plots.plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "curves.png",
                                title=f"{cfg.name} ({run_dir})")

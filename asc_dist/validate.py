@@ -2,15 +2,20 @@
 
 Used by the trainer for its periodic evaluation and by ``python -m asc_dist.evaluate``. The
 report (class-wise accuracy, accuracy, per-class, log-loss, confusion, city/device breakdowns) is
-identical on every rank. Report files: report.json, report.md, confusion.png, per_class.png.
+identical on every rank. Report files: report.json, report.md, confusion.png, per_class.png, and
+``predictions.tsv`` (per clip: key, true and predicted class, class probabilities), from which
+statistics over runs (asc_dist.table1) need no re-inference.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -33,9 +38,22 @@ def sample_groups(cfg: DictConfig, split: str) -> tuple[dict[str, dict[str, str]
     return by_key, vocab
 
 
+@dataclass
+class Predictions:
+    """Per-clip results of one evaluation, in the split's stored order."""
+
+    keys: list[str]
+    labels: list[int]
+    probs: np.ndarray  # [n, num_classes] softmax
+
+
 @torch.no_grad()
-def evaluate(model, source, standardize, groups, autocast, progress: bool = False) -> dict:
-    """Score every sample of ``source`` exactly once across ranks; identical report on all ranks."""
+def evaluate(model, source, standardize, groups, autocast, progress: bool = False,
+             keep: bool = False) -> tuple[dict, Predictions | None]:
+    """Score every sample of ``source`` exactly once across ranks; identical report on all ranks.
+
+    ``keep``: also return every clip's prediction, gathered from all ranks.
+    """
     by_key, vocab = groups
     module = dist.unwrap(model)
     dist.broadcast_buffers(module)
@@ -47,27 +65,64 @@ def evaluate(model, source, standardize, groups, autocast, progress: bool = Fals
 
         batches = tqdm(batches, total=source.steps_per_epoch, desc=f"evaluate {source.split}",
                        unit="batch", file=sys.stderr)
+    kept: list[tuple[list[str], list[int], np.ndarray]] = []
     for batch in batches:
         x = standardize(batch.features)  # features stay float32: only the network runs in bf16
         with autocast:
             logits = module(x)
         group_values = {g: [by_key.get(k, {}).get(g, "None") for k in batch.keys] for g in vocab}
         meter.update(logits.float(), batch.labels, batch.valid, group_values=group_values)
+        if keep:
+            valid = batch.valid.cpu().numpy()
+            kept.append(([k for k, ok in zip(batch.keys, valid) if ok],
+                         batch.labels.cpu().numpy()[valid].tolist(),
+                         logits.float().softmax(dim=1).cpu().numpy()[valid]))
     module.train()
-    return meter.compute(reduce=dist.all_reduce_sum)
+    report = meter.compute(reduce=dist.all_reduce_sum)
+    if not keep:
+        return report, None
+    # Ranks hold contiguous shares of the split: rank order is the stored order.
+    shares = dist.all_gather_objects(kept)
+    parts = [part for share in shares for part in share]
+    probs = np.concatenate([p for _, _, p in parts]) if parts else np.zeros((0, len(source.classes)))
+    return report, Predictions([k for ks, _, _ in parts for k in ks],
+                               [lab for _, ls, _ in parts for lab in ls], probs)
 
 
-def write_report(run_dir: Path, report: dict, classes: list[str], step: int) -> None:
+def write_predictions(path: Path, preds: Predictions, classes: list[str]) -> Path:
+    """predictions.tsv: key, label, predicted, one probability column per class (atomic)."""
+    with atomic.writing(path, "w", what="predictions") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["key", "label", "predicted", *classes])
+        for key, label, p in zip(preds.keys, preds.labels, preds.probs):
+            w.writerow([key, classes[label], classes[int(p.argmax())], *(f"{v:.6f}" for v in p)])
+    return Path(path)
+
+
+def read_predictions(path: str | Path) -> tuple[list[str], dict[str, tuple[int, np.ndarray]]]:
+    """(classes, {key: (true class index, probabilities)}) from a predictions.tsv."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    classes = rows[0][3:]
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, {r[0]: (index[r[1]], np.asarray(r[3:], dtype=np.float64)) for r in rows[1:]}
+
+
+def write_report(run_dir: Path, report: dict, classes: list[str], step: int,
+                 preds: Predictions | None = None) -> None:
     write_report_files(Path(run_dir) / "eval", {"step": step, **report}, classes,
-                       title=f"Evaluation at step {step}")
+                       title=f"Evaluation at step {step}", preds=preds)
 
 
 def write_report_files(out: Path, report: dict, classes: list[str], title: str,
-                       preamble: str = "") -> dict[str, Path]:
-    """report.json, report.md, confusion.png, per_class.png in ``out``, each written atomically."""
+                       preamble: str = "", preds: Predictions | None = None) -> dict[str, Path]:
+    """report.json, report.md, confusion.png, per_class.png (+ predictions.tsv) in ``out``, each
+    written atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("report.json", "report.md", "confusion.png", "per_class.png")}
+    if preds is not None:
+        paths["predictions.tsv"] = write_predictions(out / "predictions.tsv", preds, classes)
     atomic.write_text(paths["report.json"], json.dumps(report, indent=2))
     atomic.write_text(paths["report.md"],
                       f"# {title}\n\n{preamble + chr(10) if preamble else ''}{format_report(report, classes)}\n")

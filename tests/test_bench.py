@@ -14,11 +14,13 @@ def test_bench_train_runs_the_real_trainer_and_reports_scaling(packed_shards, tm
          "--json", str(out), "conf/smoke.yaml", "data.backend=torch"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "scaling default: 2 processes" in p.stdout
+    assert "scaling cached: 2 processes" in p.stdout and "scaling streamed: 2 processes" in p.stdout
     results = json.loads(out.read_text())["results"]
-    assert [r["nproc"] for r in results] == [1, 2]
+    assert [(r["variant"], r["nproc"]) for r in results] == [
+        ("cached", 1), ("cached", 2), ("streamed", 1), ("streamed", 2)]
     for r in results:
         assert r["clips_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1 and r["intervals"] == 2
+        assert r["wall_s"] > 0
 
 
 def test_bench_train_rejects_bad_config_naming_the_key(packed_shards):

@@ -130,6 +130,8 @@ def test_installed_wheel_works_from_outside_the_repository(tmp_path, packed_shar
     probe = subprocess.run([sys.executable, "-c", "import asc_dist; print(asc_dist.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.startswith(str(target))  # the wheel, not the checkout
+    packages = {p.parent.relative_to(ROOT) for p in (ROOT / "asc_dist").rglob("__init__.py")}
+    assert packages and all((target / p / "__init__.py").is_file() for p in packages), packages
     dump = subprocess.run([sys.executable, "-m", "asc_dist.config", "conf/experiment/nll.yaml"],
                           cwd=work, env=env, capture_output=True, text=True)
     assert dump.returncode == 0, dump.stderr

@@ -422,3 +422,34 @@ def test_bench_data_smoke(packed_shards, tmp_path, capsys):
     assert all(r["clips_per_s"] > 0 for r in results)
     with pytest.raises(SystemExit):
         bench.main(["data", "--shards", str(packed_shards), "--bogus"])
+
+
+def test_num_threads_zero_means_this_process_share_of_its_cpus(monkeypatch):
+    from asc_dist.data import threads_per_process
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))  # e.g. a SLURM task
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks on this node
+    assert threads_per_process(0) == 8
+    assert threads_per_process(3) == 3  # an explicit data.num_threads wins
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert threads_per_process(0) == 1
+
+
+@needs_dali
+def test_dali_builds_the_next_epoch_ahead_and_decodes_keys_only_when_read(packed_shards):
+    src = source(packed_shards, "dali", batch=2)
+    try:
+        it = src.epoch(0)
+        first = next(it)
+        assert "_keys" not in vars(first.keys)  # source_info copied, not decoded
+        assert len(first.keys[0]) > 0 and "_keys" in vars(first.keys)
+        ahead_epoch, future = src._next
+        assert ahead_epoch == 1
+        prebuilt = future.result()
+        list(it)
+        e1 = src.epoch(1)
+        next(e1)
+        assert src._pipes[-1] is prebuilt  # epoch 1 runs on the pipeline built during epoch 0
+        e1.close()
+    finally:
+        src.close()

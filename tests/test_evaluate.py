@@ -122,10 +122,20 @@ def test_report_equals_direct_computation_from_the_models_outputs(run_dir, packe
         assert got["accuracy"] == pytest.approx(float(np.mean(preds[mask] == labels[mask])))
     assert report["step"] == SMOKE_STEPS and report["processes"] == 1
     assert report["checkpoint"].endswith(f"step_{SMOKE_STEPS}.pt")
+    # predictions.tsv: every clip once, its true class and the model's probabilities
+    from asc_dist.validate import read_predictions
+
+    classes, table = read_predictions(single_report / "predictions.tsv")
+    assert sorted(table) == sorted(x["key"] for x in clips)
+    for i, x in enumerate(clips):
+        label, probs = table[x["key"]]
+        assert label == labels[i] and classes[int(probs.argmax())] == classes[int(preds[i])]
+        assert probs.sum() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_report_files_are_written_and_readable(single_report):
-    for name in ("confusion.png", "per_class.png"):
+    # curves.png: the run's training curves (this checkpoint is a run's), for offline runs
+    for name in ("confusion.png", "per_class.png", "curves.png"):
         data = (single_report / name).read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", name
     md = (single_report / "report.md").read_text()

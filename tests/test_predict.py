@@ -139,3 +139,85 @@ def test_format_is_sniffed_and_a_truncated_file_is_reported(run_dir, tmp_path, c
     err = capsys.readouterr().err
     assert rc == 1 and "truncated.flac" in err
     assert [r[0] for r in read_tsv(out)] == ["flac_named.wav"]
+
+
+def test_44k_file_gives_the_same_features_packed_first_or_predicted_directly(tmp_path):
+    """One decode/resample path (asc_dist.audio, soxr): a 44.1 kHz stereo file packed into 48 kHz
+    shards and read by the data backend gives the features predict computes from the file."""
+    import torchaudio
+
+    from asc_dist import audio, config, synth
+    from asc_dist.data import build_source
+    from asc_dist.frontend import LogMel
+    from asc_dist.pack import pack
+
+    ds = synth.generate(tmp_path / "ds", clips_per_class=2, duration=1.0, sample_rate=44100, seed=1,
+                        progress=False)
+    pack(ds, tmp_path / "shards", sample_rate=48000, workers=1, progress=False, verbose=False)
+    cfg = config.load(["features.clip_seconds=1.0", "features.frames=32", "data.backend=torch",
+                       "data.cache=none", f"data.shards={tmp_path / 'shards'}"], world_size=1)
+    with build_source(cfg, "test", train=False, rank=0, world_size=1, device=torch.device("cpu"),
+                      batch_size=4) as src:
+        packed = {k: x[0] for b in src.epoch(0) for k, x, ok in zip(b.keys, b.features, b.valid) if ok}
+    logmel = LogMel(cfg.features)
+    worst_ours, worst_torchaudio = 0.0, 0.0
+    for wav in sorted((ds / "audio").glob("*.wav")):
+        if wav.stem not in packed:
+            continue
+        direct = logmel(torch.from_numpy(audio.decode(str(wav), 48000)))[0, 0]
+        band = (packed[wav.stem] > -90) & (direct > -90)
+        worst_ours = max(worst_ours, float((direct - packed[wav.stem])[band].abs().max()))
+        # what predict did before: torchaudio's resampler (the test can tell the difference)
+        x, sr = sf.read(wav, dtype="float32")
+        old = torchaudio.functional.resample(torch.from_numpy(x.mean(axis=1)), sr, 48000)
+        worst_torchaudio = max(worst_torchaudio,
+                               float((logmel(old)[0, 0] - packed[wav.stem])[band].abs().max()))
+    assert worst_ours < 0.05, worst_ours
+    assert worst_torchaudio > 0.05, worst_torchaudio
+    print(f"44.1 kHz clips, max |dB| difference packed vs direct: soxr {worst_ours:.4f}, "
+          f"torchaudio {worst_torchaudio:.2f}")
+
+
+def test_predict_scores_equal_evaluate_scores_on_the_same_clips(run_dir, synth_dataset, packed_shards,
+                                                               tmp_path):
+    """The original test files (stereo, 24-bit) through predict, the packed test split through
+    evaluate (predictions.tsv): the same probabilities."""
+    from asc_dist import evaluate
+    from asc_dist.validate import read_predictions
+
+    assert evaluate.main([str(run_dir), "--split", str(packed_shards / "test"), "--out",
+                          str(tmp_path / "eval"), "--backend", "torch", "--quiet"]) == 0
+    classes, by_key = read_predictions(tmp_path / "eval" / "predictions.tsv")
+    files = [synth_dataset / f"audio/{k}.wav" for k in sorted(by_key)]
+    out = tmp_path / "scores.tsv"
+    assert predict.main([str(run_dir), *map(str, files), "--scores", "--out", str(out),
+                         "--workers", "0", "--quiet"]) == 0
+    rows = read_tsv(out)
+    assert rows[0] == ["filename", "scene_label", *classes] and len(rows) == 1 + len(by_key) == 21
+    for row in rows[1:]:
+        _, probs = by_key[Path(row[0]).stem]
+        np.testing.assert_allclose(np.asarray(row[2:], dtype=float), probs, atol=2e-5)
+
+
+def test_front_end_runs_in_float32_outside_bf16_autocast(run_dir, tmp_path, monkeypatch):
+    """Under bf16 autocast (CUDA's default precision) only the network runs in bf16: the log-mel's
+    mel projection is a matmul that autocast would otherwise round to bf16 (~0.1 dB)."""
+    from asc_dist.frontend import LogMel
+    from asc_dist.restore import restore
+
+    sf.write(tmp_path / "a.wav", tone(16000, 1.0, seed=9), 16000, subtype="FLOAT")
+    restored = restore(run_dir)
+    monkeypatch.setattr(type(restored), "autocast",
+                        lambda self, device: torch.autocast("cpu", dtype=torch.bfloat16))
+    seen = []
+    forward = restored.model.forward
+    monkeypatch.setattr(restored.model, "forward", lambda x: seen.append(x) or forward(x))
+    items = predict.collect_inputs([tmp_path / "a.wav"])
+    probs, failed = predict.predict_files(restored, items, workers=0, progress=False)
+    assert not failed and len(seen) == 1 and seen[0].dtype == torch.float32
+    wave = torch.from_numpy(sf.read(tmp_path / "a.wav", dtype="float32")[0])
+    expected = restored.standardize(LogMel(restored.cfg.features)(wave[None]))
+    assert torch.equal(seen[0], expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what it would be inside autocast
+        inside = restored.standardize(LogMel(restored.cfg.features)(wave[None]))
+    assert not torch.equal(inside.float(), expected)

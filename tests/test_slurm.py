@@ -173,19 +173,10 @@ def test_batch_scripts_declare_requeue_and_the_preemption_signal():
         assert p.returncode == 0, p.stderr
 
 
-def test_table1_dry_run_prints_four_identical_trainings_and_a_collect_after_them():
+def test_table1_dry_run_prints_one_training_per_row_and_seed_and_a_collect_after_them():
     p = subprocess.run(
-        [
-            "bash",
-            "slurm/table1.sh",
-            "--dry-run",
-            "--after-pack",
-            "77",
-            "--seed",
-            "3",
-            "conf/smoke.yaml",
-            "data.shards=/data/x",
-        ],
+        ["bash", "slurm/table1.sh", "--dry-run", "--after-pack", "77", "--seeds", "3,4", "--only",
+         "baseline,focal_mixup", "conf/smoke.yaml", "data.shards=/data/x"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -194,20 +185,18 @@ def test_table1_dry_run_prints_four_identical_trainings_and_a_collect_after_them
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 5
-    rows = ["baseline", "nll", "focal", "focal_mixup"]
-    for line, row in zip(lines, rows, strict=False):
-        name = "table1-" + row.replace("_", "-")
+    jobs = [(row, seed) for row in ("baseline", "focal_mixup") for seed in (3, 4)]
+    for line, (row, seed) in zip(lines, jobs, strict=False):
+        name = f"table1-{row.replace('_', '-')}-seed{seed}"
         assert line.startswith(
             f"sbatch --job-name={name} --dependency=afterok:77 slurm/train.sbatch "
         )
         assert line.endswith(
             f"conf/smoke.yaml conf/experiment/{row}.yaml name={name} run_dir=runs/{name} "
-            "train.seed=3 data.shards=/data/x"
+            f"train.seed={seed} data.shards=/data/x"
         )
-    assert (
-        "--dependency=afterok:\\<table1-baseline\\>:\\<table1-nll\\>:\\<table1-focal\\>:"
-        "\\<table1-focal-mixup\\>" in lines[4]
-    )
+    names = ":".join(f"\\<table1-{r.replace('_', '-')}-seed{s}\\>" for r, s in jobs)
+    assert f"--dependency=afterok:{names}" in lines[4]
     assert "asc_dist.table1\\ collect" in lines[4]
     bad = subprocess.run(
         ["bash", "slurm/table1.sh", "--dry-run", "--after-pack", "x1"],
@@ -454,6 +443,10 @@ def test_pack_job_then_table1_jobs_after_it(slurm, synth_dataset, packed_shards,
             str(pack),
             "--runs-root",
             str(runs),
+            "--only",
+            "nll,focal",
+            "--seeds",
+            "0,1",
             *SMOKE,
             f"data.shards={shards}",
             "train.max_iters=2",
@@ -479,15 +472,17 @@ def test_pack_job_then_table1_jobs_after_it(slurm, synth_dataset, packed_shards,
         packed_shards
     )  # byte-identical shards (sha256 in manifests)
     assert sorted(x.name for x in shards.iterdir()) == ["test", "train"]  # no temporary output left
-    names = ["table1-baseline", "table1-nll", "table1-focal", "table1-focal-mixup"]
+    names = ["table1-nll-seed0", "table1-nll-seed1", "table1-focal-seed0", "table1-focal-seed1"]
     for j, name in zip(trains, names, strict=True):
         finished(slurm, j, tmp_path / f"{name}-{j}.out")
-        assert ckpt(runs / name)["config"]["train"]["seed"] == 0
+        assert ckpt(runs / name)["config"]["train"]["seed"] == int(name[-1])
     finished(slurm, collect, tmp_path / f"table1-collect-{collect}.out", timeout=120)
     table = (runs / "table1.md").read_text()
     for name in names:
         assert f"`{runs / name}`" in table
-    assert "dcase_baseline" in table
+    summary = json.loads((runs / "table1.json").read_text())  # the statistics over the jobs' runs
+    (step,) = [c for c in summary["comparisons"] if c["from"] == "ResNet-50 + NLL"]
+    assert step["n_seeds"] == 2 and step["ci95"][0] <= step["mean_diff"] <= step["ci95"][1]
 
 
 def test_pack_array_job_packs_one_split_per_task(slurm, synth_dataset, packed_shards, tmp_path):

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from wandb_reader import read_wandb_file
 
@@ -111,6 +112,9 @@ def test_two_process_training_end_to_end(packed_shards, tmp_path):
     assert sum(report["class_counts"].values()) == manifest["num_samples"]
     assert set(report["breakdowns"]) == {"city", "device"}
     assert (run_dir / "eval" / "confusion.png").stat().st_size > 0
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # offline-readable curves
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    assert not (run_dir / ".lock").exists()  # released
     assert (run_dir / "config.yaml").read_text().count("resnet18") == 1
 
 
@@ -127,10 +131,11 @@ def test_two_torchrun_agents_rendezvous_as_two_nodes(packed_shards, tmp_path):
     assert any("replicas in sync: parameters identical on all 2 ranks" in o for o in outs)
 
 
-def test_sigterm_then_resume_is_bit_identical_to_uninterrupted(packed_shards, tmp_path):
+@pytest.mark.parametrize("cache", ["none", "device"])
+def test_sigterm_then_resume_is_bit_identical_to_uninterrupted(packed_shards, tmp_path, cache):
     steps = 16
     args = lambda d: overrides(packed_shards, d, f"train.max_iters={steps}", "train.log_every=1",  # noqa: E731
-                               "train.ckpt_every=100", "train.eval_every=100")
+                               "train.ckpt_every=100", "train.eval_every=100", f"data.cache={cache}")
     ok(single(args(tmp_path / "straight")))
 
     interrupted = tmp_path / "interrupted"
@@ -260,7 +265,7 @@ def test_demo_config_runs_at_reduced_size(tmp_path):
                     "train.max_iters=2", "train.global_batch=4", "train.eval_every=2",
                     "data.backend=auto")))
     assert "class-wise accuracy" in p.stdout.lower()
-    assert model_state(tmp_path / "run" / "checkpoints" / "step_2.pt")["model_name"] == "resnet50"
+    assert model_state(tmp_path / "run" / "checkpoints" / "step_2.pt")["model_name"] == "resnet18"
 
 
 def test_resume_with_another_batch_size_warns_that_the_data_order_changes(packed_shards, tmp_path):
@@ -269,3 +274,72 @@ def test_resume_with_another_batch_size_warns_that_the_data_order_changes(packed
     p = ok(single(overrides(packed_shards, run_dir, "train.global_batch=4", "train.max_iters=3")))
     assert "10 steps per epoch, this run has 5" in p.stderr
     assert "at step 2" in p.stdout
+
+
+def test_bf16_gradient_compression_trains_with_replicas_in_sync(packed_shards, tmp_path):
+    p = ok(torchrun(2, overrides(packed_shards, tmp_path / "run", "train.grad_compress=bf16",
+                                 "train.max_iters=3", "train.eval_every=3")))
+    assert "replicas in sync: parameters identical on all 2 ranks" in p.stdout
+
+
+def test_a_training_step_never_waits_for_the_device(packed_shards, tmp_path, monkeypatch):
+    """train_step reads nothing back (no .item(), .tolist(), bool(), .numpy()): on a GPU each
+    would drain the queue. The loss is read once per log window by mean_loss."""
+    from asc_dist import config as config_lib
+    from asc_dist import dist
+    from asc_dist.train import build, mean_loss, train_step
+
+    cfg = config_lib.load(["conf/smoke.yaml", *overrides(packed_shards, tmp_path / "run")], world_size=1)
+    env = dist.init("cpu")
+    p = build(cfg, env)
+    try:
+        batch = next(iter(p.train_src.epoch(0)))
+        gen = torch.Generator().manual_seed(0)
+
+        def sync(*a, **k):
+            raise AssertionError("host synchronisation inside train_step")
+
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "numpy", "__bool__", "__float__"):
+                m.setattr(torch.Tensor, name, sync)
+            losses = [train_step(p, batch, gen, grad_clip=1.0) for _ in range(3)]
+        total = sum(losses, torch.zeros(()))
+        assert mean_loss(total, 1, 3) == pytest.approx(sum(x.item() for x in losses) / 3)
+        from asc_dist.errors import TrainingDiverged
+
+        with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) in steps 4-6"):
+            mean_loss(torch.tensor(float("nan")), 4, 6)
+    finally:
+        p.train_src.close()
+        p.test_src.close()
+
+
+def test_one_process_per_gpu_is_enforced_with_a_clear_message(monkeypatch):
+    from asc_dist import dist
+    from asc_dist.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 but this node has 1 visible GPU"):
+        dist.init("cuda")
+
+
+def test_compile_comes_after_the_ddp_wrap_with_the_configured_mode(packed_shards, tmp_path, monkeypatch):
+    """PyTorch's order for overlapping communication: DDP first, then compile (here one process,
+    so the wrap is a no-op; the order of the calls is what is checked). Compiling itself is a GPU
+    check (launch/gpu_check.sh); here the call is recorded instead of run."""
+    from asc_dist import config as config_lib
+    from asc_dist import dist
+    from asc_dist import train as train_mod
+
+    calls = []
+    wrap = dist.wrap_model
+    monkeypatch.setattr(dist, "wrap_model", lambda m, *a, **k: calls.append("ddp") or wrap(m, *a, **k))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(("compile", kw)))
+    cfg = config_lib.load(["conf/smoke.yaml", *overrides(packed_shards, tmp_path / "run"),
+                           "model.compile=true", "model.compile_mode=reduce-overhead"], world_size=1)
+    p = train_mod.build(cfg, dist.init("cpu"))
+    p.train_src.close()
+    p.test_src.close()
+    assert calls == ["ddp", ("compile", {"mode": "reduce-overhead"})]

@@ -1,0 +1,73 @@
+"""Benchmarks, one subcommand each (results and their commands: BENCHMARKS.md)::
+
+    python -m asc_dist.bench data --shards DIR [...]   input pipeline: DALI vs torch vs librosa
+    python -m asc_dist.bench train --shards DIR [...]  the real trainer: clips/s, data wait,
+                                                       DDP scaling, cached vs streamed features
+    python -m asc_dist.bench gpu OUT_DIR [...]         a GPU node end to end (launch/gpu_check.sh)
+
+To add a subcommand: a module here with ``add_parser(subparsers)`` registering its arguments and
+``set_defaults(func=run)``, listed in :func:`build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from asc_dist.cli import command
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}){gpu}"
+
+
+def with_values(cfg, values: dict):
+    """A copy of a read-only config with dotted keys replaced."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for key, v in values.items():
+        node = c
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = v
+    from asc_dist import config as config_lib
+
+    return config_lib.from_dict(c)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from asc_dist.bench import data, gpu, train
+
+    parser = argparse.ArgumentParser(prog="python -m asc_dist.bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (data, train, gpu):
+        module.add_parser(sub)
+    return parser
+
+
+@command("asc_dist.bench")
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # parse_known_args + re-adding the leftovers lets overrides sit anywhere between options
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown or (extra and not hasattr(args, "config")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.config = [*args.config, *extra]
+    return args.func(args)

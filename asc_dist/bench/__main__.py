@@ -1,0 +1,3 @@
+from asc_dist.bench import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from asc_dist.table1 import main
+
+raise SystemExit(main())

@@ -1,0 +1,375 @@
+"""launch/offline_bundle.sh: its arguments, the split/join round trip on local files (no network),
+and a real but small download from the package index that then installs with pip's --no-index."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "launch" / "offline_bundle.sh"
+MIB = 1024 * 1024
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("ASC_")}
+    e["ASC_PYTHON"] = sys.executable
+    return e
+
+
+def offline_pip_env() -> dict:
+    """No index, proxy or find-links from pip's configuration: only what the command names."""
+    e = {k: v for k, v in env().items() if not k.startswith("PIP_")}
+    e["PIP_CONFIG_FILE"] = os.devnull
+    return e
+
+
+def bundle(*args: str, cwd: Path | None = None, timeout: int = 300):
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def sums(d: Path) -> dict[str, str]:
+    out = {}
+    for line in (d / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        out[name.lstrip("*")] = digest
+    return out
+
+
+def parts(d: Path, name: str) -> list[Path]:
+    return sorted(d.glob(f"{name}.part-*"))
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help(flag):
+    r = bundle(flag)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("usage: bash launch/offline_bundle.sh DIR [--python 3.12]")
+    for word in (
+        "--platform",
+        "--skip",
+        "--part-mb",
+        "--join DIR",
+        "--split-only DIR",
+        "INSTALL.txt",
+    ):
+        assert word in r.stdout
+    assert not any(line.startswith(("#", "set -")) for line in lines)
+
+
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        ([], "DIR"),
+        (["out", "--bogus"], "--bogus"),
+        (["out", "--part-mb", "0"], "--part-mb"),
+        (["out", "--part-mb", "1.5"], "--part-mb"),
+        (["out", "--part-mb", "abc"], "--part-mb"),
+        (["out", "--python", "3"], "--python"),
+        (["out", "--python", "python3.12"], "--python"),
+        (["out", "--python"], "--python"),
+        (["--split-only", "out"], "--part-mb"),
+        (["out", "--skip", "torch,tourch"], "tourch"),  # a typo would download torch after all
+    ],
+)
+def test_bad_arguments(tmp_path, args, names):
+    r = bundle(*args, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error:") and names in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing made, nothing downloaded
+
+
+# ---- split and join, no network ----------------------------------------------------------------
+
+
+def test_split_and_join_offline(tmp_path):
+    d = tmp_path / "bundle"
+    d.mkdir()
+    content = {
+        "big-1.0-py3-none-any.whl": os.urandom(3 * MIB + 1000),  # 3 parts of 1 MiB + 1000 bytes
+        "exact-1.0-py3-none-any.whl": os.urandom(MIB),  # not larger than 1 MiB: stays whole
+        "small-1.0-py3-none-any.whl": os.urandom(200 * 1024),
+    }
+    for name, data in content.items():
+        (d / name).write_bytes(data)
+    want = {name: hashlib.sha256(data).hexdigest() for name, data in content.items()}
+    big = "big-1.0-py3-none-any.whl"
+
+    r = bundle("--split-only", "bundle", "--part-mb", "1", cwd=tmp_path)  # a relative DIR too
+    assert r.returncode == 0, r.stderr
+    assert sums(d) == want  # hashes of the files before splitting
+    assert not (d / big).exists()
+    assert [p.name[len(big) :] for p in parts(d, big)] == [
+        ".part-aa",
+        ".part-ab",
+        ".part-ac",
+        ".part-ad",
+    ]
+    assert [p.stat().st_size for p in parts(d, big)] == [MIB, MIB, MIB, 1000]
+    assert (d / "exact-1.0-py3-none-any.whl").is_file() and (
+        d / "small-1.0-py3-none-any.whl"
+    ).is_file()
+    assert not parts(d, "exact-1.0-py3-none-any.whl") and not parts(d, "small-1.0-py3-none-any.whl")
+    assert f"cat {big}.part-* > {big}" in r.stdout and "sha256sum -c SHA256SUMS" in r.stdout
+
+    # Splitting again keeps the sum of the file that now exists only as parts.
+    r = bundle("--split-only", str(d), "--part-mb", "1")
+    assert r.returncode == 0, r.stderr
+    assert sums(d) == want and len(parts(d, big)) == 4
+
+    r = bundle("--join", "bundle", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (d / big).read_bytes() == content[big]
+    assert not list(d.glob("*.part-*")) and not list(d.glob("*.joining"))
+
+    # A damaged part: the join fails naming the file, keeps the parts, leaves no half-joined file.
+    bundle("--split-only", str(d), "--part-mb", "1")
+    ab = d / f"{big}.part-ab"
+    good = ab.read_bytes()
+    ab.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
+    r = bundle("--join", str(d))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert big in r.stderr and "part" in r.stderr
+    assert not (d / big).exists() and len(parts(d, big)) == 4 and not list(d.glob("*.joining"))
+
+    # A missing part fails the same way; with every part good again the join succeeds.
+    ab.write_bytes(good)
+    ad = d / f"{big}.part-ad"
+    last = ad.read_bytes()
+    ad.unlink()
+    r = bundle("--join", str(d))
+    assert r.returncode == 1 and big in r.stderr
+    ad.write_bytes(last)
+    r = bundle("--join", str(d))
+    assert r.returncode == 0, r.stderr
+    assert (d / big).read_bytes() == content[big]
+
+    # A damaged whole (never split) file is caught by the final SHA256SUMS check.
+    small = d / "small-1.0-py3-none-any.whl"
+    small.write_bytes(b"x" + content["small-1.0-py3-none-any.whl"][1:])
+    r = bundle("--join", str(d))
+    assert r.returncode == 1 and "small-1.0-py3-none-any.whl" in r.stderr
+
+
+# ---- a real download (small: omegaconf's closure, adabound, setuptools, asc-dist) ---------------
+
+
+@pytest.fixture(scope="module")
+def index_reachable(tmp_path_factory):
+    """The package index as pip is configured here; skip (with the reason) when it is not there."""
+    out = tmp_path_factory.mktemp("probe")
+    try:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(out),
+                "--timeout",
+                "20",
+                "--retries",
+                "1",
+                "omegaconf",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip("package index unreachable: pip download timed out")
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        pytest.skip(f"package index unreachable: {last}")
+
+
+def project() -> tuple[dict[str, str], str]:
+    """Dependencies of pyproject.toml (normalised name -> requirement) and asc-dist's version."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = {}
+    for req in data["project"]["dependencies"]:
+        deps[norm(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", req).group(0))] = req
+    return deps, data["project"]["version"]
+
+
+def whole_names(d: Path) -> set[str]:
+    """Every file the bundle consists of, whole or split into parts."""
+    names = {p.name for p in d.iterdir() if p.is_file() and ".part-" not in p.name}
+    names |= {p.name.rsplit(".part-", 1)[0] for p in d.glob("*.part-*")}
+    return names - {"SHA256SUMS", "INSTALL.txt"}
+
+
+def wheel_project(filename: str) -> str:
+    return norm(filename.split("-", 1)[0])
+
+
+def test_real_download_then_offline_install(tmp_path, index_reachable):
+    deps, version = project()
+    assert "omegaconf" in deps
+    keep = {"omegaconf", "adabound"} & deps.keys()  # adabound needs torch: skipped below
+    skip = sorted(deps.keys() - keep)
+    assert "torch" in skip
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    other = "3.12" if here != "3.12" else "3.13"
+
+    # 1. For another Python than this one: the wheels of that version, split, listed, rejoined.
+    d = tmp_path / f"bundle-{other}"
+    r = bundle(str(d), "--python", other, "--part-mb", "1", "--skip", ",".join(skip))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    names = whole_names(d)
+    projects = {wheel_project(n) for n in names}
+    assert f"asc_dist-{version}-py3-none-any.whl" in names
+    assert any(re.fullmatch(r"omegaconf-[^-]+-py3-none-any\.whl", n) for n in names)
+    assert keep <= projects and "pyyaml" in projects and "setuptools" in projects  # + build backend
+    tag = "cp" + other.replace(".", "")
+    assert all(f"-{tag}-" in n for n in names if n.startswith("pyyaml-")), names
+    assert not projects & set(skip), names  # neither the skipped nor torch through adabound
+    assert not any("+asc.skipped" in n for n in names)  # no placeholder left behind
+    assert set(sums(d)) == names
+    split = {n for n in names if parts(d, n)}
+    for n in names:
+        if n in split:
+            sizes = [p.stat().st_size for p in parts(d, n)]
+            assert not (d / n).exists() and sum(sizes) > MIB and set(sizes[:-1]) == {MIB}
+            assert 0 < sizes[-1] <= MIB
+        else:
+            assert (d / n).stat().st_size <= MIB  # every larger file was split
+    fetched = sum(p.stat().st_size for p in d.iterdir())
+    print(
+        f"bundle for {other}: {len(names)} files, {fetched / MIB:.2f} MiB, split: {sorted(split)}"
+    )
+    install = (d / "INSTALL.txt").read_text()
+    assert "--no-deps" in install and "torch" in install and "sha256sum -c SHA256SUMS" in install
+    r = bundle("--join", str(d))
+    assert r.returncode == 0, r.stderr
+    assert not list(d.glob("*.part-*"))
+    assert {n: sha256(d / n) for n in names} == sums(d)
+
+    # 2. For this Python: installs with no index at all, and builds a project with asc-dist's
+    #    build backend from the bundle (what setup.sh's editable install from it needs).
+    d = tmp_path / f"bundle-{here}"
+    r = bundle(str(d), "--python", here, "--part-mb", "1", "--skip", ",".join(skip))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert bundle("--join", str(d)).returncode == 0
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    target = tmp_path / "target"
+    r = subprocess.run(
+        [
+            *pip,
+            "install",
+            "-q",
+            "--no-index",
+            "--find-links",
+            str(d),
+            "--target",
+            str(target),
+            "omegaconf",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=offline_pip_env(),
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        [sys.executable, "-c", "import omegaconf, yaml; print(omegaconf.__file__, yaml.__file__)"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env={**offline_pip_env(), "PYTHONPATH": str(target)},
+    )
+    assert r.returncode == 0, r.stderr
+    assert all(f.startswith(str(target)) for f in r.stdout.split()), r.stdout  # not the venv's
+    pin = re.search(r"==\s*([^,;\s]+)", deps["omegaconf"])
+    if pin:
+        assert list(target.glob(f"omegaconf-{pin.group(1)}.dist-info"))
+
+    # The --skip recipe of INSTALL.txt: every wheel of the bundle with --no-deps.
+    target2 = tmp_path / "target2"
+    r = subprocess.run(
+        [
+            *pip,
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--target",
+            str(target2),
+            *map(str, sorted(d.glob("*.whl"))),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=offline_pip_env(),
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (target2 / "asc_dist" / "conf" / "config.yaml").is_file()
+    assert (target2 / "adabound").is_dir()
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
+    (probe / "pyproject.toml").write_text(
+        f"[build-system]\nrequires = {json.dumps(build['requires'])}\n"
+        + f'build-backend = "{build["build-backend"]}"\n'
+        '[project]\nname = "asc-probe"\nversion = "0"\n[tool.setuptools]\npy-modules = []\n'
+    )
+    r = subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "-q",
+            "--no-index",
+            "--find-links",
+            str(d),
+            "--no-deps",
+            "-w",
+            str(tmp_path / "probe-out"),
+            str(probe),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=offline_pip_env(),
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    assert list((tmp_path / "probe-out").glob("asc_probe-0-*.whl"))
