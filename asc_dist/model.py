@@ -72,12 +72,7 @@ class SpecResNet(ResNet):
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_input(x)
-        if self.resize is not None:
-            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
-        if self.input_adapt == "repeat":
-            x = x.expand(-1, 3, -1, -1)
-        return super().forward(x)
+        return super().forward(adapt_input(x, self.resize, self.input_adapt))
 
 
 class SpecTimm(nn.Module):
@@ -97,12 +92,7 @@ class SpecTimm(nn.Module):
                                      in_chans=1 if input_adapt == "sum" else 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_input(x)
-        if self.resize is not None:
-            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
-        if self.input_adapt == "repeat":
-            x = x.expand(-1, 3, -1, -1)
-        return self.net(x)
+        return self.net(adapt_input(x, self.resize, self.input_adapt))
 
 
 class DcaseBaseline(nn.Module):
@@ -139,16 +129,17 @@ class DcaseBaseline(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_input(x)
-        if self.resize is not None:
-            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
-        return self.classifier(self.features(x))
+        return self.classifier(self.features(adapt_input(x, self.resize)))
 
 
-def _check_input(x: torch.Tensor) -> torch.Tensor:
+def adapt_input(x: torch.Tensor, resize: tuple[int, int] | None,
+                input_adapt: str = "sum") -> torch.Tensor:
+    """Check a ``[B, 1, n_mels, T]`` log-mel; resize it if asked; repeat it for an RGB stem."""
     if x.dim() != 4 or x.shape[1] != 1:
         raise ValueError(f"model input must be [B, 1, n_mels, T]; got shape {list(x.shape)}")
-    return x
+    if resize is not None:
+        x = F.interpolate(x, size=resize, mode="bilinear", align_corners=False)
+    return x.expand(-1, 3, -1, -1) if input_adapt == "repeat" else x
 
 
 @dataclass

@@ -11,13 +11,13 @@ def test_bench_train_runs_the_real_trainer_and_reports_scaling(packed_shards, tm
     p = subprocess.run(
         [sys.executable, "-m", "asc_dist.bench", "train", "--shards", str(packed_shards),
          "--nproc", "1,2", "--steps", "4", "--warmup", "2", "--log-every", "2", "--batch-per-rank", "2",
-         "--json", str(out), "conf/smoke.yaml", "data.backend=torch"],
+         "--variants", "cached:data.cache=device", "--json", str(out), "conf/smoke.yaml",
+         "data.backend=torch"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "scaling cached: 2 processes" in p.stdout and "scaling streamed: 2 processes" in p.stdout
+    assert "scaling cached: 2 processes" in p.stdout
     results = json.loads(out.read_text())["results"]
-    assert [(r["variant"], r["nproc"]) for r in results] == [
-        ("cached", 1), ("cached", 2), ("streamed", 1), ("streamed", 2)]
+    assert [(r["variant"], r["nproc"]) for r in results] == [("cached", 1), ("cached", 2)]
     for r in results:
         assert r["clips_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1 and r["intervals"] == 2
         assert r["wall_s"] > 0
@@ -29,3 +29,12 @@ def test_bench_train_rejects_bad_config_naming_the_key(packed_shards):
          "--nproc", "1", "conf/smoke.yaml", "optim.bogus=1"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "optim.bogus" in p.stderr
+
+
+def test_bench_train_defaults_put_the_cache_beside_streaming():
+    from asc_dist.bench import build_parser
+    from asc_dist.bench.train import parse_variants
+
+    args = build_parser().parse_args(["train", "--shards", "x"])
+    assert parse_variants(args.variants) == [("cached", ["data.cache=device"]),
+                                             ("streamed", ["data.cache=none"])]

@@ -31,14 +31,15 @@ def test_gpu_check_quick_on_cpu_runs_every_step_and_writes_results(tmp_path):
     assert steps["evaluate/predict device vs cpu"]["status"] == "not run"  # no accelerator here
     rows = results["throughput"]
     variants = {(r["variant"], r["batch"]) for r in rows}
-    assert ("model only (resident batch)", 4) in variants and ("plain PyTorch loop (resnet18)", 8) in variants
-    assert ("trainer torch, cached", 4) in variants and ("trainer torch, streamed", 4) in variants
+    assert ("model only (resident batch)", 4) in variants and ("plain PyTorch loop (resnet18)", 4) in variants
+    trainers = [v for v, _ in variants if v.startswith("trainer")]
+    assert any(v.endswith("cached") for v in trainers) and any(v.endswith("streamed") for v in trainers)
     for r in rows:
         assert "error" not in r, r
         assert r["clips_per_s"] > 0 and r["step_ms"] > 0 and 0 <= r["data_wait_pct"] <= 100
     assert "trainer_vs_plain_loop_batch4" in steps["throughput"]
     md = (out / "summary.md").read_text()
-    assert "| throughput | ok |" in md and "| trainer torch, cached | 4 |" in md
+    assert "| throughput | ok |" in md and f"| {trainers[0]} | 4 |" in md
 
 
 def test_gpu_check_help_and_no_cuda(tmp_path):

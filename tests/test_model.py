@@ -107,7 +107,7 @@ def test_bad_input_and_config():
 
 
 def test_config_model_names_are_the_models_built():
-    assert set(config.MODEL_NAMES) == set(RESNETS) | {"dcase_baseline"}
+    assert set(config.MODEL_NAMES) == set(RESNETS) | set(config.SERESNETS) | {"dcase_baseline"}
     for name in config.MODEL_NAMES:
         assert build_model(_cfg(name=name), C)(torch.randn(1, 1, 64, 40)).shape == (1, C)
 
