@@ -129,7 +129,8 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path 
             if label.startswith("test"):
                 best = int(np.argmax(ys))
                 ax.annotate(f"best {ys[best]:.3f} @ {xs[best]}", (xs[best], ys[best]),
-                            textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8)
+                            textcoords="offset points", xytext=(0, -14), fontsize=8,
+                            ha="right" if best == len(xs) - 1 else "center")
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(label, fontsize=10)

@@ -38,16 +38,10 @@ def with_values(cfg, values: dict):
     """A copy of a read-only config with dotted keys replaced."""
     from omegaconf import OmegaConf
 
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for key, v in values.items():
-        node = c
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = v
     from asc_dist import config as config_lib
 
-    return config_lib.from_dict(c)
+    return config_lib.from_dict(OmegaConf.merge(cfg, OmegaConf.from_dotlist(
+        [f"{k}={v}" for k, v in values.items()])))
 
 
 def build_parser() -> argparse.ArgumentParser:

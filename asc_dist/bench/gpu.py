@@ -32,10 +32,9 @@ import torch
 
 from asc_dist import atomic, torchrun
 from asc_dist.bench import machine
-from asc_dist.bench.train import run_trainer, summarize_train
+from asc_dist.bench.throughput import throughput, train_args
+from asc_dist.data import dali_available
 
-# Dense bf16 peak of known accelerators, for the model FLOP utilisation (MFU).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 PAPER_FEATURES = ["features.clip_seconds=10.0", "features.frames=320"]
 QUICK_FEATURES = ["features.sample_rate=16000", "features.n_fft=512", "features.win_length=512",
                   "features.hop_length=500", "features.f_max=8000", "features.clip_seconds=1.0",
@@ -77,12 +76,6 @@ class Skip(Exception):
     """A step that cannot run here (no DALI, no pytest): recorded as 'not run' with the reason."""
 
 
-def _dali() -> bool:
-    from asc_dist.data import dali_available
-
-    return dali_available()
-
-
 def make_data(out: Path, quick: bool) -> Path:
     """Synthetic TUT-layout scenes at the checked input shape, packed: OUT/shards."""
     from asc_dist import pack, synth
@@ -119,11 +112,9 @@ def gpu_tests(ck: Check) -> dict:
 
 def _features_by_key(cfg, backend: str, device: torch.device) -> dict:
     from asc_dist.bench import with_values
-    from asc_dist.config import from_dict
     from asc_dist.data import build_source
 
-    c = with_values(cfg, {"data.backend": backend})
-    with build_source(from_dict(c) if not hasattr(c, "data") else c, "test", train=False, rank=0,
+    with build_source(with_values(cfg, {"data.backend": backend}), "test", train=False, rank=0,
                       world_size=1, device=device, batch_size=8, cache="none") as src:
         return {k: x.float().cpu() for b in src.epoch(0)
                 for k, x, ok in zip(b.keys, b.features, b.valid.tolist()) if ok}
@@ -134,7 +125,7 @@ def parity(ck: Check, shards: Path) -> dict:
 
     cfg = config.load([*ck.features, f"data.shards={shards}"], world_size=1)
     cpu = torch.device("cpu")
-    backends = ["torch"] + (["dali"] if _dali() else [])
+    backends = ["torch"] + (["dali"] if dali_available() else [])
     out = {}
     feats = {(b, d.type): _features_by_key(cfg, b, d)
              for b in backends for d in {cpu, ck.device}}
@@ -155,18 +146,11 @@ def parity(ck: Check, shards: Path) -> dict:
     return out
 
 
-def _train_args(ck: Check, shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    bf16 = "bf16" if ck.device.type == "cuda" else "fp32"
-    return [*ck.features, ck.model, "model.pretrained=none", f"data.shards={shards}",
-            f"run_dir={run_dir}", f"train.device={ck.device.type}", f"train.precision={bf16}",
-            "wandb.mode=disabled", *extra]
-
-
 def stop_resume(ck: Check, shards: Path) -> dict:
     """SIGTERM mid-run (exit 3, checkpoint), then the same command resumes and finishes."""
     run_dir = ck.out / "runs" / "stop-resume"
     steps = 8 if ck.quick else 30
-    args = _train_args(ck, shards, run_dir, f"train.max_iters={steps}", "train.log_every=1",
+    args = train_args(ck, shards, run_dir, f"train.max_iters={steps}", "train.log_every=1",
                        f"train.eval_every={steps}", "train.ckpt_every=1000", "resume=auto",
                        f"train.global_batch={4 if ck.quick else 32}")
     cmd = torchrun.command(args)
@@ -183,7 +167,8 @@ def stop_resume(ck: Check, shards: Path) -> dict:
     if again.returncode != 0 or f"at step {stopped}" not in again.stdout:
         raise RuntimeError(f"resume failed (exit {again.returncode}):\n{again.stdout[-2000:]}{again.stderr[-2000:]}")
     acc = re.search(r"class-wise accuracy: ([\d.]+)", again.stdout)
-    return {"stopped_at": stopped, "finished_at": steps, "run_dir": str(run_dir),
+    return {"precision": "bf16" if ck.device.type == "cuda" else "fp32 (CPU)",
+            "stopped_at": stopped, "finished_at": steps, "run_dir": str(run_dir),
             "classwise_accuracy": float(acc.group(1)) if acc else None}
 
 
@@ -219,163 +204,6 @@ def inference_parity(ck: Check, shards: Path) -> dict:
     if diff > 1e-3 or pdiff > 1e-3:
         raise RuntimeError(f"device and CPU disagree: evaluate {diff:.2e}, predict {pdiff:.2e}")
     return {"evaluate_max_prob_diff": diff, "predict_max_prob_diff": pdiff, "precision": "fp32, TF32 off"}
-
-
-def _flops_per_clip(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
-    """Training FLOPs per clip: the forward's (counted) x 3 for forward + backward."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, *shape, device=next(model.parameters()).device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return 3.0 * counter.get_total_flops()
-
-
-def _timed(ck: Check, step, iters: int, warmup: int) -> float:
-    """Seconds per call of ``step``, from CUDA events on a GPU (wall clock on a CPU)."""
-    for _ in range(warmup):
-        step()
-    if ck.device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000 / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return (time.perf_counter() - t0) / iters
-
-
-def _loop_record(ck: Check, variant: str, batch: int, seconds: float, flops: float) -> dict:
-    rec = {"variant": variant, "batch": batch, "clips_per_s": batch / seconds, "step_ms": 1000 * seconds,
-           "data_wait_pct": 0.0, "mfu": _mfu(ck, batch / seconds, flops), "flops_per_clip": flops}
-    if ck.device.type == "cuda":
-        rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(ck.device) / 2**30
-        torch.cuda.reset_peak_memory_stats(ck.device)
-    return rec
-
-
-def _mfu(ck: Check, clips_per_s: float, flops: float) -> float | None:
-    if ck.device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(ck.device)
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    return None if peak is None else clips_per_s * flops / (peak * 1e12)
-
-
-def model_only(ck: Check, batch: int) -> dict:
-    """Our model + loss + AdaBound on one resident batch: the ceiling any data path can reach."""
-    from asc_dist import config
-    from asc_dist.losses import build_loss
-    from asc_dist.model import autocast, build_model, prepare_model
-    from asc_dist.optim import build_optimizer
-
-    cfg = config.load([*ck.features, ck.model, "model.pretrained=none"], world_size=1)
-    shape = (1, cfg.features.n_mels, cfg.features.frames)
-    model = prepare_model(build_model(cfg.model, 10), cfg.model, ck.device)
-    flops = _flops_per_clip(model, shape)
-    opt, loss_fn = build_optimizer(cfg.optim, model.parameters()), build_loss(cfg.loss, 10).to(ck.device)
-    x = torch.randn(batch, *shape, device=ck.device)
-    y = torch.randint(0, 10, (batch,), device=ck.device)
-    precision = "bf16" if ck.device.type == "cuda" else "fp32"
-
-    def step():
-        with autocast(precision, ck.device):
-            logits = model(x)
-        loss = loss_fn(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return _loop_record(ck, "model only (resident batch)", batch,
-                        _timed(ck, step, 3 if ck.quick else 30, 2 if ck.quick else 10), flops)
-
-
-def plain_loop(ck: Check, batch: int) -> dict:
-    """What a user would write: torchvision ResNet-50, fused Adam, bf16, channels_last,
-    the features resident on the device, a random batch per step."""
-    import torchvision
-
-    from asc_dist import config
-
-    cfg = config.load([*ck.features], world_size=1)
-    shape = (1, cfg.features.n_mels, cfg.features.frames)
-    arch = "resnet18" if ck.quick else "resnet50"
-    model = getattr(torchvision.models, arch)(num_classes=10)
-    model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-    cuda = ck.device.type == "cuda"
-    model = model.to(ck.device, memory_format=torch.channels_last if cuda else torch.preserve_format)
-    flops = _flops_per_clip(model, shape)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=cuda)
-    feats = torch.randn(4 * batch, *shape, device=ck.device)
-    labels = torch.randint(0, 10, (4 * batch,), device=ck.device)
-
-    def step():
-        idx = torch.randint(0, feats.shape[0], (batch,), device=ck.device)
-        x = feats[idx].contiguous(memory_format=torch.channels_last) if cuda else feats[idx]
-        with torch.autocast(ck.device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return _loop_record(ck, f"plain PyTorch loop ({arch})", batch,
-                        _timed(ck, step, 3 if ck.quick else 30, 2 if ck.quick else 10), flops)
-
-
-def trainer(ck: Check, shards: Path, batch: int, backend: str, cache: str, flops: float) -> dict:
-    steps, warmup = (4, 2) if ck.quick else (30, 10)
-    run_dir = ck.out / "runs" / f"tput-{backend}-{cache}-{batch}"
-    args = _train_args(ck, shards, run_dir, f"data.backend={backend}", f"data.cache={cache}",
-                       f"train.global_batch={batch}", f"train.max_iters={warmup + steps}",
-                       f"train.log_every={2 if ck.quick else 10}", "train.eval_every=1000000",
-                       "train.ckpt_every=1000000", "resume=never")
-    records, wall = run_trainer(1, args, run_dir, timeout=600)
-    r = summarize_train(records, warmup)
-    return {"variant": f"trainer {backend}, {'cached' if cache == 'device' else 'streamed'}",
-            "batch": batch, "clips_per_s": r["clips_per_s"], "step_ms": 1000 * r["step_time"],
-            "data_wait_pct": 100 * r["data_wait_frac"], "peak_mem_gb": r.get("peak_mem_gb"),
-            "mfu": _mfu(ck, r["clips_per_s"], flops), "run_s": wall}
-
-
-def _trainer_variants(ck: Check, batch: int, batches: tuple[int, ...]) -> list[tuple[str, str]]:
-    """(backend, cache) pairs: every pair at the first batch, the first backend at the second
-    (the 8-minute budget); at toy size one pair per backend and mode is enough."""
-    backends = ["dali", "torch"] if _dali() else ["torch"]
-    pairs = [(b, c) for b in backends for c in ("device", "none")]
-    if ck.quick:
-        return [(b, c) for b, c in pairs if (b == backends[0]) == (c == "device")] or pairs
-    return pairs if batch == batches[0] else [p for p in pairs if p[0] == backends[0]]
-
-
-def throughput(ck: Check, shards: Path) -> dict:
-    batches = (4,) if ck.quick else (64, 256)
-    rows = ck.results["throughput"]
-    for batch in batches:
-        rows.append(model_only(ck, batch))
-        flops = rows[-1]["flops_per_clip"]  # the trainer's MFU counts our model's FLOPs
-        rows.append(plain_loop(ck, batch))
-        for backend, cache in _trainer_variants(ck, batch, batches):
-            try:
-                rows.append(trainer(ck, shards, batch, backend, cache, flops))
-            except Exception as e:  # noqa: BLE001 - one failed variant is a row, not the end
-                rows.append({"variant": f"trainer {backend}, {cache}", "batch": batch,
-                             "error": f"{type(e).__name__}: {str(e)[-500:]}"})
-            ck.write()
-    out = {}
-    for batch in batches:
-        at = {r["variant"]: r for r in rows if r["batch"] == batch and "clips_per_s" in r}
-        plain = next((r for v, r in at.items() if v.startswith("plain")), None)
-        best = max((r for v, r in at.items() if v.startswith("trainer")), default=None,
-                   key=lambda r: r["clips_per_s"])
-        if plain and best:
-            out[f"trainer_vs_plain_loop_batch{batch}"] = best["clips_per_s"] / plain["clips_per_s"]
-        if best and batch == batches[0]:
-            out["projected_5000_iterations_s"] = 5000 * best["step_ms"] / 1000
-    return out
 
 
 def _fmt(v, spec: str) -> str:
@@ -415,7 +243,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ck = Check(out, device, args.quick)
     t0 = time.perf_counter()
-    if not _dali():
+    if not dali_available():
         print("[gpu_check] NVIDIA DALI is not importable here: its steps are skipped", flush=True)
     if not args.skip_tests:
         ck.step("gpu tests", lambda: gpu_tests(ck))
@@ -424,7 +252,7 @@ def run(args) -> int:
         "shards": str(out / "shards")})
     if "path" in shards:
         ck.step("front-end parity", lambda: parity(ck, shards["path"]))
-        ck.step("bf16 training stop/resume", lambda: stop_resume(ck, shards["path"]))
+        ck.step("bf16 training stop/resume", lambda: stop_resume(ck, shards["path"]))  # fp32 on CPU
         ck.step("evaluate/predict device vs cpu", lambda: inference_parity(ck, shards["path"]))
         ck.step("throughput", lambda: throughput(ck, shards["path"]))
     ck.results["seconds"] = round(time.perf_counter() - t0, 1)
