@@ -185,7 +185,7 @@ def mean_loss(loss_sum: torch.Tensor, first: int, last: int) -> float:
     if not math.isfinite(value):
         steps = f"step {last}" if first == last else f"steps {first}-{last}"
         raise TrainingDiverged(f"non-finite loss ({value}) in {steps}; stopping. Try a lower "
-                                 f"optim.lr or train.grad_clip > 0.")
+                               f"optim.lr or train.grad_clip > 0.")
     return value
 
 
@@ -213,10 +213,12 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
         for step, batch in progress.iterate(batches, start):
             if step == start + 1 and tracker.wants_images:
                 n = cfg.wandb.log_images
-                tracker.log_images(step, batch.features[:n], [p.classes[i] for i in batch.labels[:n].tolist()])
+                tracker.log_images(step, batch.features[:n],
+                                   [p.classes[i] for i in batch.labels[:n].tolist()])
             mix_gen.manual_seed(tc.seed * 1_000_003 + env.rank * 100_003 + step)  # reproducible on resume
             loss_sum += train_step(p, batch, mix_gen, tc.grad_clip)
-            if progress.due(step):
+            stopping = stop.agreed()  # the same step on every rank
+            if progress.due(step) or stopping:  # a stop logs its partial window too
                 window = progress.window(step, loss=mean_loss(loss_sum, since, step),
                                          lr=p.optimizer.param_groups[0]["lr"])
                 if env.device.type == "cuda":  # the allocator's own counter: no synchronisation
@@ -224,7 +226,6 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
                 tracker.log(step, {f"train/{k}": v for k, v in window.items()})
                 loss_sum.zero_()
                 since = step + 1
-            stopping = stop.agreed()  # the same step on every rank
             with progress.paused():
                 is_best = False
                 if step % tc.eval_every == 0 or step == tc.max_iters:

@@ -1,5 +1,8 @@
 """Every expected failure of every command: exit status 2, one line naming the file, key or value
-at fault and what to do, no traceback (ASC_DEBUG=1 shows it). Also a full disk at a checkpoint."""
+at fault and what to do, no traceback (ASC_DEBUG=1 shows it). Also a full disk at a checkpoint.
+
+The commands' ``main`` run in this process (``python -m`` only adds ``raise SystemExit(main())``,
+which the last two tests exercise for real), so each case costs milliseconds, not a start-up."""
 
 from __future__ import annotations
 
@@ -19,16 +22,28 @@ from asc_dist.checkpoint import Checkpointer, CheckpointError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ASC_DEBUG"))}
-    e.update(OMP_NUM_THREADS="1", WANDB_SILENT="true", **extra)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+MAINS = {"asc_dist.train": "asc_dist.train", "asc_dist.evaluate": "asc_dist.evaluate",
+         "asc_dist.predict": "asc_dist.predict", "asc_dist.features": "asc_dist.features",
+         "asc_dist.pack": "asc_dist.pack.cli"}
 
 
-def run(*args: str, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env(**extra),
-                          capture_output=True, text=True, timeout=240)
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """``run(module, *args, **env)`` -> (returncode, stdout, stderr) of the module's main."""
+    import importlib
+
+    def call(module: str, *args: str, **env) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(ROOT)
+        for k in [k for k in os.environ if k.startswith(("WANDB_", "ASC_DEBUG"))]:
+            monkeypatch.delenv(k)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        capsys.readouterr()
+        rc = importlib.import_module(MAINS[module]).main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(module, rc, out.out, out.err)
+
+    return call
 
 
 def assert_clean_error(p: subprocess.CompletedProcess, *names: str) -> str:
@@ -42,19 +57,23 @@ def assert_clean_error(p: subprocess.CompletedProcess, *names: str) -> str:
     return errors[0]
 
 
-def train(shards, run_dir, *extra, **env_extra):
-    return run("asc_dist.train", "conf/smoke.yaml", f"data.shards={shards}", f"run_dir={run_dir}",
-               "data.backend=torch", "train.device=cpu", *extra, **env_extra)
+@pytest.fixture
+def train(run):
+    def call(shards, run_dir, *extra, **env):
+        return run("asc_dist.train", "conf/smoke.yaml", f"data.shards={shards}", f"run_dir={run_dir}",
+                   "data.backend=torch", "train.device=cpu", *extra, **env)
+
+    return call
 
 
-def test_config_key_and_value(packed_shards, tmp_path):
+def test_config_key_and_value(train, packed_shards, tmp_path):
     assert_clean_error(train(packed_shards, tmp_path / "r", "optim.lrr=1"), "optim.lrr")
     assert_clean_error(train(packed_shards, tmp_path / "r", "model.name=resnet51"),
                        "model.name='resnet51'", "resnet50")  # the choices are listed
     assert not (tmp_path / "r").exists()  # nothing started
 
 
-def test_missing_and_stale_shards(packed_shards, tmp_path):
+def test_missing_and_stale_shards(train, packed_shards, tmp_path):
     line = assert_clean_error(train(tmp_path / "nowhere", tmp_path / "r"), "nowhere/train/manifest.json")
     assert "asc_dist.pack" in line  # what to do
     copy = tmp_path / "shards"
@@ -64,13 +83,13 @@ def test_missing_and_stale_shards(packed_shards, tmp_path):
     assert_clean_error(train(copy, tmp_path / "r"), tar.name, "re-pack")
 
 
-def test_missing_pretrained_weights(packed_shards, tmp_path):
+def test_missing_pretrained_weights(train, packed_shards, tmp_path):
     p = train(packed_shards, tmp_path / "r", "model.pretrained=imagenet",
               TORCH_HOME=str(tmp_path / "torch_home"))
     assert_clean_error(p, "resnet18-f37072fd.pth", str(tmp_path / "torch_home"))
 
 
-def test_wandb_online_without_credentials(packed_shards, tmp_path):
+def test_wandb_online_without_credentials(train, packed_shards, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     p = train(packed_shards, tmp_path / "r", "wandb.mode=online", HOME=str(home),
@@ -78,7 +97,7 @@ def test_wandb_online_without_credentials(packed_shards, tmp_path):
     assert_clean_error(p, "wandb.mode=online", "wandb login", "wandb.mode=offline")
 
 
-def test_bad_checkpoint_and_unreadable_audio(tmp_path, packed_shards):
+def test_bad_checkpoint_and_unreadable_audio(run, tmp_path, packed_shards):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
     assert_clean_error(run("asc_dist.evaluate", str(junk)), "junk.pt")
@@ -97,8 +116,16 @@ def test_bad_checkpoint_and_unreadable_audio(tmp_path, packed_shards):
     assert not (tmp_path / "out" / "train").exists()
 
 
-def test_debug_shows_the_traceback(packed_shards, tmp_path):
-    p = train(packed_shards, tmp_path / "r", "optim.lrr=1", ASC_DEBUG="1")
+def python_m(*args: str, **env) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ASC_DEBUG"))}
+    e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_a_real_process_exits_2_and_debug_shows_the_traceback(tmp_path):
+    assert_clean_error(python_m("asc_dist.train", "optim.lrr=1"), "optim.lrr")
+    p = python_m("asc_dist.train", "optim.lrr=1", ASC_DEBUG="1")
     assert p.returncode != 0 and "Traceback" in p.stderr and "optim.lrr" in p.stderr
 
 
@@ -128,7 +155,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_names_the_path(small_disk):
     assert not [p for p in first.parent.iterdir() if ".tmp" in p.name]
 
 
-def test_full_disk_during_training_exits_2_naming_the_path(packed_shards, small_disk):
+def test_full_disk_during_training_exits_2_naming_the_path(train, packed_shards, small_disk):
     # dcase_baseline: checkpoints of ~1.3 MB; the second (step 4) does not fit next to the first
     p = train(packed_shards, small_disk / "run", "model.name=dcase_baseline", "train.max_iters=6",
               "train.ckpt_every=2", "train.eval_every=100")

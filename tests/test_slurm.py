@@ -347,6 +347,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, packed_shards, tm
     assert f"requeueing job {job}" in text
     assert f"resumed from {run_dir}/checkpoints/step_{stopped}.pt at step {stopped}" in text
     assert text.count("[train.sbatch] job") == 2  # one log (--open-mode=append), two runs
+    # the run-dir lock: released by the preempted run, taken by the requeued one, released at the end
+    assert "is in use by another run" not in text and not (run_dir / ".lock").exists()
     logged = train_steps(run_dir)
     assert logged == list(range(1, steps + 1))  # every step once: none lost, none trained twice
     first, last = ckpt(run_dir, f"step_{stopped}.pt"), ckpt(run_dir)

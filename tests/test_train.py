@@ -185,7 +185,7 @@ def test_stop_signal_on_one_rank_stops_all_ranks_at_the_same_step(packed_shards,
 
 def test_killed_rank_fails_loudly_and_rerun_resumes(packed_shards, tmp_path):
     run_dir = tmp_path / "run"
-    args = overrides(packed_shards, run_dir, "train.max_iters=40", "train.ckpt_every=2",
+    args = overrides(packed_shards, run_dir, "train.max_iters=30", "train.ckpt_every=2",
                      "train.eval_every=1000", "train.log_every=1")
     p = subprocess.Popen(TORCHRUN + ["--standalone", "--nproc_per_node=2"] + TRAIN + args, cwd=ROOT,
                          env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -196,7 +196,7 @@ def test_killed_rank_fails_loudly_and_rerun_resumes(packed_shards, tmp_path):
     last = int((run_dir / "checkpoints" / "latest").read_text().strip()[5:-3])
     rerun = ok(torchrun(2, args))
     assert f"at step {last}" in rerun.stdout
-    assert model_state(run_dir / "checkpoints" / "step_40.pt")["step"] == 40
+    assert model_state(run_dir / "checkpoints" / "step_30.pt")["step"] == 30
 
 
 def test_truncated_latest_checkpoint_falls_back_to_previous(packed_shards, tmp_path):
