@@ -285,26 +285,13 @@ def test_real_download_then_offline_install(tmp_path, index_reachable):
     r = bundle(str(d), "--python", here, "--part-mb", "1", "--skip", ",".join(skip))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert bundle("--join", str(d)).returncode == 0
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    def pip(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+                              check=False, capture_output=True, text=True, env=offline_pip_env(),
+                              timeout=180)
+
     target = tmp_path / "target"
-    r = subprocess.run(
-        [
-            *pip,
-            "install",
-            "-q",
-            "--no-index",
-            "--find-links",
-            str(d),
-            "--target",
-            str(target),
-            "omegaconf",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=offline_pip_env(),
-        timeout=180,
-    )
+    r = pip("install", "-q", "--no-index", "--find-links", str(d), "--target", str(target), "omegaconf")
     assert r.returncode == 0, r.stderr
     r = subprocess.run(
         [sys.executable, "-c", "import omegaconf, yaml; print(omegaconf.__file__, yaml.__file__)"],
@@ -323,23 +310,8 @@ def test_real_download_then_offline_install(tmp_path, index_reachable):
 
     # The --skip recipe of INSTALL.txt: every wheel of the bundle with --no-deps.
     target2 = tmp_path / "target2"
-    r = subprocess.run(
-        [
-            *pip,
-            "install",
-            "-q",
-            "--no-index",
-            "--no-deps",
-            "--target",
-            str(target2),
-            *map(str, sorted(d.glob("*.whl"))),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=offline_pip_env(),
-        timeout=180,
-    )
+    r = pip("install", "-q", "--no-index", "--no-deps", "--target", str(target2),
+            *map(str, sorted(d.glob("*.whl"))))
     assert r.returncode == 0, r.stderr
     assert (target2 / "asc_dist" / "conf" / "config.yaml").is_file()
     assert (target2 / "adabound").is_dir()
@@ -352,24 +324,7 @@ def test_real_download_then_offline_install(tmp_path, index_reachable):
         + f'build-backend = "{build["build-backend"]}"\n'
         '[project]\nname = "asc-probe"\nversion = "0"\n[tool.setuptools]\npy-modules = []\n'
     )
-    r = subprocess.run(
-        [
-            *pip,
-            "wheel",
-            "-q",
-            "--no-index",
-            "--find-links",
-            str(d),
-            "--no-deps",
-            "-w",
-            str(tmp_path / "probe-out"),
-            str(probe),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=offline_pip_env(),
-        timeout=180,
-    )
+    r = pip("wheel", "-q", "--no-index", "--find-links", str(d), "--no-deps", "-w",
+            str(tmp_path / "probe-out"), str(probe))
     assert r.returncode == 0, r.stderr
     assert list((tmp_path / "probe-out").glob("asc_probe-0-*.whl"))
