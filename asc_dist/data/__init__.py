@@ -48,7 +48,7 @@ class BatchSource:
     cached = False  # True: the whole split is resident on the device (asc_dist.data.cache)
 
     def __init__(self, cfg: Any, split: str, *, train: bool, rank: int, world_size: int,
-                 device: torch.device, batch_size: int, seed: int):
+                 device: torch.device, batch_size: int, seed: int, index: SplitIndex | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if batch_size < 1:
@@ -57,7 +57,7 @@ class BatchSource:
         self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
         self.device = torch.device(device)
         self.num_threads = threads_per_process(int(cfg.data.num_threads))
-        self.index: SplitIndex = load_split(cfg.data.shards, split)
+        self.index: SplitIndex = index or load_split(cfg.data.shards, split)
         self.classes = list(self.index.classes)
         self.num_samples = self.index.num_samples
         if train and not self.index.labelled:
@@ -168,12 +168,14 @@ def build_source(cfg: Any, split: str, *, train: bool, rank: int, world_size: in
     if mode != "none":
         from asc_dist.data.cache import CachedSource, table_bytes
 
-        need = table_bytes(cfg, load_split(cfg.data.shards, split).num_samples)
+        index = load_split(cfg.data.shards, split)  # read once, shared by both sources
+        need = table_bytes(cfg, index.num_samples)
         if mode == "device" or need <= cfg.data.cache_max_gb * 2**30:
-            stream = Stream(cfg, split, **{**kw, "train": False})
+            stream = Stream(cfg, split, **{**kw, "train": False}, index=index)
             return CachedSource(cfg, split, stream=stream, **kw)
         if rank == 0:
             print(f"data.cache=auto: the features of split '{split}' take {need / 2**30:.2f} GiB, "
                   f"more than data.cache_max_gb={cfg.data.cache_max_gb:g}: streaming them",
                   file=sys.stderr, flush=True)
+        return Stream(cfg, split, **kw, index=index)
     return Stream(cfg, split, **kw)

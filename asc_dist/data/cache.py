@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,30 +140,13 @@ def load_or_build(stream: BatchSource, progress: bool = True) -> FeatureTable:
     return table
 
 
-class _Keys(Sequence):
-    """The keys of a batch's rows, looked up only when read (training never reads them)."""
-
-    def __init__(self, keys: list[str], ids: np.ndarray):
-        self._keys, self._ids = keys, ids
-
-    def __getitem__(self, i):
-        j = self._ids[i]
-        return self._keys[j] if j >= 0 else ""
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-
 class CachedSource(BatchSource):
     """Batches from a :class:`FeatureTable` on the device (see the module doc)."""
 
     cached = True
 
     def __init__(self, cfg: Any, split: str, *, stream: BatchSource, progress: bool = True, **kw):
-        super().__init__(cfg, split, **kw)
+        super().__init__(cfg, split, index=stream.index, **kw)
         self.backend = f"{stream.backend}+cache"
         try:
             self.table = load_or_build(stream, progress=progress and self.rank == 0)
@@ -187,5 +170,6 @@ class CachedSource(BatchSource):
             ok = self._valid if self.train else valid[step]
             if not self.train:
                 labels = torch.where(ok, labels, -1)
+            keys = [self.table.keys[j] if j >= 0 else "" for j in plan[step].tolist()]
             yield Batch(features=self.table.features.index_select(0, ids), labels=labels,
-                        keys=_Keys(self.table.keys, plan[step]), valid=ok)
+                        keys=keys, valid=ok)

@@ -50,7 +50,7 @@ def run_name(row: Row, seed: int) -> str:
     return f"table1-{row.key.replace('_', '-')}-seed{seed}"
 
 
-def _get(d: dict, dotted: str) -> Any:
+def config_value(d: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d
@@ -58,8 +58,8 @@ def _get(d: dict, dotted: str) -> Any:
 
 def row_of(cfg: dict) -> str | None:
     """Which Table I row a run's config is: by model, loss and mixup (None: not a Table I row)."""
-    model, loss = _get(cfg, "model.name") or "", _get(cfg, "loss.name")
-    mixup = bool(_get(cfg, "mixup.enabled"))
+    model, loss = config_value(cfg, "model.name") or "", config_value(cfg, "loss.name")
+    mixup = bool(config_value(cfg, "mixup.enabled"))
     if model == "dcase_baseline":
         return "baseline"
     if model.startswith("seresnet"):

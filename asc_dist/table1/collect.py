@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from asc_dist import atomic
-from asc_dist.table1 import BY_KEY, COMPARISONS, ROWS, _get, row_of
+from asc_dist.table1 import BY_KEY, COMPARISONS, ROWS, config_value, row_of
 from asc_dist.table1.stats import mean_ci, paired_bootstrap
 
 TUT2018_FOLD1_TEST = 2518
@@ -35,15 +35,15 @@ def _wandb(run_dir: Path, cfg: dict) -> dict:
 
     from asc_dist.checkpoint import Checkpointer
 
-    mode = _get(cfg, "wandb.mode") or "disabled"
-    out = {"mode": mode, "id": None, "url": None, "project": _get(cfg, "wandb.project")}
+    mode = config_value(cfg, "wandb.mode") or "disabled"
+    out = {"mode": mode, "id": None, "url": None, "project": config_value(cfg, "wandb.project")}
     latest = Checkpointer(run_dir).latest()
     if latest is not None:
         try:  # mmap: only the pickle is read, not the weights
             out["id"] = torch.load(latest, map_location="cpu", weights_only=True, mmap=True).get("wandb_id")
         except Exception as e:  # noqa: BLE001 - a link is a nicety; latest() already vetted the file
             print(f"warning: cannot read the W&B run id from {latest}: {e}", file=sys.stderr)
-    entity = _get(cfg, "wandb.entity") or os.environ.get("WANDB_ENTITY")
+    entity = config_value(cfg, "wandb.entity") or os.environ.get("WANDB_ENTITY")
     if out["id"] and mode == "online" and entity:
         out["url"] = f"https://wandb.ai/{entity}/{out['project']}/runs/{out['id']}"
     return out
@@ -59,11 +59,11 @@ def read_run(run_dir: str | Path) -> dict:
         return rec
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
     rec.update(
-        name=cfg.get("name"), row=row_of(cfg), seed=_get(cfg, "train.seed"),
-        model=_get(cfg, "model.name"), pretrained=_get(cfg, "model.pretrained"),
-        loss=_get(cfg, "loss.name"), mixup=bool(_get(cfg, "mixup.enabled")),
-        max_iters=_get(cfg, "train.max_iters"),
-        shared={k: _get(cfg, k) for k in (*SHARED_ALL, *SHARED_ABLATION)}, wandb=_wandb(run_dir, cfg),
+        name=cfg.get("name"), row=row_of(cfg), seed=config_value(cfg, "train.seed"),
+        model=config_value(cfg, "model.name"), pretrained=config_value(cfg, "model.pretrained"),
+        loss=config_value(cfg, "loss.name"), mixup=bool(config_value(cfg, "mixup.enabled")),
+        max_iters=config_value(cfg, "train.max_iters"),
+        shared={k: config_value(cfg, k) for k in (*SHARED_ALL, *SHARED_ABLATION)}, wandb=_wandb(run_dir, cfg),
     )
     report_path = run_dir / "eval" / "report.json"
     if not report_path.is_file():
