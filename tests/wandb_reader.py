@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,24 @@ def _put(target: dict, item) -> None:
     target[path[-1]] = json.loads(item.value_json)
 
 
-def read_wandb_file(path: str | Path) -> dict:
-    """``run-<id>.wandb`` -> {"run_id", "project", "config", "history": [{...}], "summary"}."""
+def read_wandb_file(path: str | Path, wait_s: float = 60.0) -> dict:
+    """``run-<id>.wandb`` -> {"run_id", "project", "config", "history": [{...}], "summary"}.
+
+    ``run.finish()`` can return before wandb's separate core process has flushed the file (seen in
+    CI under load: only the header on disk), so wait up to ``wait_s`` for the run's exit record.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = list(_records(Path(path)))
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds:
+            return _collect(records)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no exit record after {wait_s:.0f} s; records: {kinds}")
+        time.sleep(0.2)
+
+
+def _collect(records) -> dict:
     out: dict[str, Any] = {
         "run_id": None,
         "project": None,
@@ -60,7 +77,7 @@ def read_wandb_file(path: str | Path) -> dict:
         "history": [],
         "summary": {},
     }
-    for r in _records(Path(path)):
+    for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "run":
             out["run_id"], out["project"] = r.run.run_id, r.run.project
