@@ -175,7 +175,8 @@ def test_split_and_join_offline(tmp_path):
 
     # A damaged whole (never split) file is caught by the final SHA256SUMS check.
     small = d / "small-1.0-py3-none-any.whl"
-    small.write_bytes(b"x" + content["small-1.0-py3-none-any.whl"][1:])
+    whole = content["small-1.0-py3-none-any.whl"]
+    small.write_bytes(bytes([whole[0] ^ 0xFF]) + whole[1:])  # always a change (b"x" was not)
     r = bundle("--join", str(d))
     assert r.returncode == 1 and "small-1.0-py3-none-any.whl" in r.stderr
 
