@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="decoding processes (0: in this process)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="the network's precision (default: the training run's train.precision; "
+                        "the log-mel is float32 either way)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
     items = collect_inputs(args.inputs, args.relative_to)
     device = pick_device(args.device)
-    restored = restore(args.checkpoint, device=device)
+    overrides = [f"train.precision={args.precision}"] if args.precision else []
+    restored = restore(args.checkpoint, overrides=overrides, device=device)
     probs, failed = predict_files(restored, items, batch_size=args.batch_size, workers=args.workers,
                                   device=device, progress=not args.quiet)
     rows = write_predictions(args.out, items, probs, restored.classes, scores=args.scores)

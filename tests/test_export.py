@@ -106,9 +106,12 @@ def test_a_failed_round_trip_keeps_nothing(run_dir, tmp_path):
 
 
 @pytest.mark.gpu
-def test_exported_module_runs_on_cuda(model_dir):
+def test_exported_module_runs_on_cuda(model_dir, monkeypatch):
+    """float32 on both sides, TF32 off (it rounds conv/matmul inputs to 10-bit mantissas)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     m = torch.jit.load(str(model_dir / "model.pt"), map_location="cuda").eval()
     x = torch.randn(4, 16000) * 0.1
     with torch.no_grad():

@@ -221,3 +221,23 @@ def test_front_end_runs_in_float32_outside_bf16_autocast(run_dir, tmp_path, monk
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what it would be inside autocast
         inside = restored.standardize(LogMel(restored.cfg.features)(wave[None]))
     assert not torch.equal(inside.float(), expected)
+
+
+def test_precision_flag_overrides_the_training_runs_precision(run_dir, audio_dir, tmp_path, capsys):
+    """The smoke run trained in float32 on CPU: --precision fp32 equals the default, bf16 differs
+    (what a GPU-trained bf16 checkpoint needs to be compared in float32 on a CPU)."""
+    files = [str(audio_dir / "mono16k.wav"), str(audio_dir / "long.wav")]
+
+    def scores(*flags):
+        out = tmp_path / f"p{len(flags)}{'-'.join(flags)}.tsv"
+        rc = predict.main([str(run_dir), *files, "--out", str(out), "--scores", "--workers", "0",
+                           "--quiet", *flags])
+        assert rc == 0, capsys.readouterr().err
+        return np.array([r[2:] for r in read_tsv(out)[1:]], dtype=float)
+
+    default, fp32, bf16 = scores(), scores("--precision", "fp32"), scores("--precision", "bf16")
+    assert np.array_equal(default, fp32)
+    assert not np.array_equal(fp32, bf16) and np.abs(fp32 - bf16).max() < 0.1
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(run_dir), *files, "--precision", "fp16"])
+    assert e.value.code == 2 and "--precision" in capsys.readouterr().err
