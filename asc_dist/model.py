@@ -281,8 +281,32 @@ def prepare_model(model: nn.Module, cfg_model: ModelConfig, device: torch.device
     return model
 
 
+class CpuBf16Autocast:
+    """bf16 autocast on a CPU with oneDNN off for its duration (reusable, like torch.autocast).
+
+    torch 2.11's oneDNN AMX bf16 convolution intermittently returns NaN or garbage when its
+    reduction length is not a multiple of 32 (oneDNN issue 5717; our 1-channel stem has 7x7 = 49):
+    measured here as NaN scores from about every other freshly loaded model. PyTorch's own kernels
+    are slower but correct, and bf16 on a CPU is for checking the GPU recipe, not for speed.
+    """
+
+    def __enter__(self) -> None:
+        self._mkldnn = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        self._autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        self._autocast.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._autocast.__exit__(*exc)
+        finally:
+            torch.backends.mkldnn.enabled = self._mkldnn
+
+
 def autocast(precision: str, device: torch.device) -> AbstractContextManager:
     """bf16 autocast for ``train.precision`` bf16, or auto on CUDA; otherwise float32."""
+    if precision == "bf16" and device.type == "cpu":
+        return CpuBf16Autocast()
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()

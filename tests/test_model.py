@@ -13,6 +13,7 @@ from asc_dist.mixup import Mixup
 from asc_dist.model import (
     RESNETS,
     DcaseBaseline,
+    autocast,
     build_model,
     imagenet_weights_file,
     prepare_model,
@@ -204,6 +205,26 @@ def test_prepare_model_cpu():
     # channels_last is a CUDA-only optimisation: CPU parameters stay in the default layout.
     assert model.features[0].weight.is_contiguous()
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_cpu_bf16_is_finite_and_close_to_fp32_on_every_freshly_loaded_model():
+    """bf16 on a CPU: oneDNN's AMX convolutions returned NaN for about every other freshly loaded
+    1-channel ResNet on this machine (reused memory); the autocast the package uses must not."""
+    torch.manual_seed(0)
+    cfg = _cfg(name="resnet18")
+    state = build_model(cfg, C).state_dict()
+    x = torch.randn(1, 1, 64, 32)
+    for _ in range(10):
+        model = build_model(cfg, C)
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            ref = model(x)
+            with autocast("bf16", torch.device("cpu")):
+                out = model(x)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+    assert torch.backends.mkldnn.enabled  # restored after the bf16 region
 
 
 @pytest.mark.gpu
