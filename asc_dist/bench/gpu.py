@@ -108,9 +108,9 @@ def gpu_tests(ck: Check) -> dict:
                             str(where)], capture_output=True, text=True, timeout=GPU_TESTS_TIMEOUT_S,
                            cwd=tests.parent)
     except subprocess.TimeoutExpired as e:
-        tail = (e.stdout or b"")[-2000:]
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
         raise RuntimeError(f"the gpu tests did not finish in {GPU_TESTS_TIMEOUT_S} s; output so far:\n"
-                           f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}") from None
+                           f"{out[-2000:]}") from None
     last = (p.stdout.strip().splitlines() or [""])[-1]
     if p.returncode not in (0, 5):
         raise RuntimeError(f"{last}\n{p.stdout[-3000:]}")
@@ -201,8 +201,8 @@ def inference_parity(ck: Check, shards: Path) -> dict:
             raise RuntimeError(f"evaluate --device {dev} exited {rc}")
         probs[dev] = read_predictions(out / "predictions.tsv")[1]
         wavs = sorted((ck.out / "data" / "audio").glob("*.wav"))[:8]
-        rc = predict.main([str(run_dir), *map(str, wavs), "--scores", "--device", dev, "--precision", "fp32", "--workers", "0",
-                           "--out", str(ck.out / f"predict-{dev}.tsv"), "--quiet"])
+        rc = predict.main([str(run_dir), *map(str, wavs), "--scores", "--device", dev, "--precision", "fp32",
+                           "--workers", "0", "--out", str(ck.out / f"predict-{dev}.tsv"), "--quiet"])
         if rc != 0:
             raise RuntimeError(f"predict --device {dev} exited {rc}")
     diff = max(float(abs(probs["cpu"][k][1] - probs[ck.device.type][k][1]).max()) for k in probs["cpu"])
