@@ -286,11 +286,18 @@ class CpuBf16Autocast:
 
     torch 2.11's oneDNN AMX bf16 convolution intermittently returns NaN or garbage when its
     reduction length is not a multiple of 32 (oneDNN issue 5717; our 1-channel stem has 7x7 = 49):
-    measured here as NaN scores from about every other freshly loaded model. PyTorch's own kernels
-    are slower but correct, and bf16 on a CPU is for checking the GPU recipe, not for speed.
+    measured here as NaN scores from about every other freshly loaded model. Guarding only the
+    49-long stem did not help. PyTorch's own kernels are correct but ~40x slower than float32.
     """
 
+    warned = False
+
     def __enter__(self) -> None:
+        if not CpuBf16Autocast.warned:
+            CpuBf16Autocast.warned = True
+            log.warning("bf16 on a CPU runs without oneDNN (its AMX bf16 kernels return NaN at "
+                        "random in this torch): correct but ~40x slower than float32; use "
+                        "train.precision=fp32 (predict: --precision fp32) for speed")
         self._mkldnn = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
         self._autocast = torch.autocast("cpu", dtype=torch.bfloat16)

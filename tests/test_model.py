@@ -207,9 +207,12 @@ def test_prepare_model_cpu():
     assert next(model.parameters()).device.type == "cpu"
 
 
-def test_cpu_bf16_is_finite_and_close_to_fp32_on_every_freshly_loaded_model():
+def test_cpu_bf16_is_finite_and_close_to_fp32_on_every_freshly_loaded_model(monkeypatch, caplog):
     """bf16 on a CPU: oneDNN's AMX convolutions returned NaN for about every other freshly loaded
     1-channel ResNet on this machine (reused memory); the autocast the package uses must not."""
+    from asc_dist.model import CpuBf16Autocast
+
+    monkeypatch.setattr(CpuBf16Autocast, "warned", False)
     torch.manual_seed(0)
     cfg = _cfg(name="resnet18")
     state = build_model(cfg, C).state_dict()
@@ -225,6 +228,8 @@ def test_cpu_bf16_is_finite_and_close_to_fp32_on_every_freshly_loaded_model():
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
         torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
     assert torch.backends.mkldnn.enabled  # restored after the bf16 region
+    slow = [r for r in caplog.records if "without oneDNN" in r.getMessage()]
+    assert len(slow) == 1 and "train.precision=fp32" in slow[0].getMessage()  # once per process
 
 
 @pytest.mark.gpu
