@@ -91,10 +91,14 @@ def encode_wav(x: np.ndarray, sr: int, subtype: str) -> bytes:
     return buf.getvalue()
 
 
-def wav_truncation(path: Path) -> str | None:
-    """Walk a RIFF/WAVE file's chunks; report a data chunk that claims more bytes than exist."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+def wav_truncation(source: Path | bytes) -> str | None:
+    """Walk a RIFF/WAVE file's (or its bytes') chunks; report a data chunk that claims more bytes
+    than exist."""
+    if isinstance(source, (bytes, bytearray)):
+        size, f = len(source), io.BytesIO(source)
+    else:
+        size, f = source.stat().st_size, open(source, "rb")  # noqa: SIM115 - closed just below
+    with f:
         head = f.read(12)
         if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
             return None  # not plain RIFF/WAVE: leave it to libsndfile
@@ -113,20 +117,28 @@ def wav_truncation(path: Path) -> str | None:
     return None
 
 
-def read_checked(path: Path, *, expect_sample_rate: int | None = None,
+def read_checked(source: Path | bytes, *, name: str = "", expect_sample_rate: int | None = None,
                  expect_duration: float | None = None,
                  duration_tolerance: float = 0.01) -> tuple[np.ndarray, int, dict]:
-    """:func:`read` plus the packer's checks; raise ValueError(problem) when unusable."""
-    if not path.is_file():
-        raise ValueError("missing file")
-    if path.stat().st_size == 0:
+    """:func:`read` plus the packer's checks; raise ValueError(problem) when unusable.
+
+    ``source``: a file, or a file's bytes (e.g. a zip member) named ``name`` (its suffix tells
+    whether it is a WAV).
+    """
+    if isinstance(source, (bytes, bytearray)):
+        size, suffix, data = len(source), Path(name).suffix, source
+    else:
+        if not source.is_file():
+            raise ValueError("missing file")
+        size, suffix, data, name = source.stat().st_size, source.suffix, str(source), str(source)
+    if size == 0:
         raise ValueError("empty file (0 bytes)")
-    if path.suffix.lower() == ".wav":
-        problem = wav_truncation(path)
+    if suffix.lower() == ".wav":
+        problem = wav_truncation(source)
         if problem:
             raise ValueError(problem)
     try:
-        x, sr, info = read(str(path), name=str(path))
+        x, sr, info = read(data, name=name)
     except ValueError as e:
         raise ValueError(f"not readable as audio: {str(e).split(': ', 1)[-1]}") from None
     if x.shape[0] != info["frames"]:

@@ -14,11 +14,11 @@ containers, numbers and strings only (see ``rng_state`` for how the RNG states c
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import torch
 from asc_dist import atomic
 from asc_dist.atomic import NoSpaceError
 from asc_dist.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -118,12 +120,8 @@ class Checkpointer:
             name = pointer.read_text().strip()
             target = self.dir / name
             if _step_of(target) is None or not target.is_file():
-                warnings.warn(
-                    f"checkpoint pointer {pointer} names '{name}', which is not a checkpoint "
-                    f"file here; using the newest step_*.pt instead",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                log.warning(f"checkpoint pointer {pointer} names '{name}', which is not a "
+                            f"checkpoint file here; using the newest step_*.pt instead")
                 target = None
         if target is None:
             return [p for _, p in steps]
@@ -138,11 +136,8 @@ class Checkpointer:
             problem = verify(path)
             if problem is None:
                 return path
-            warnings.warn(
-                f"checkpoint {path} is unreadable ({problem}); falling back to the previous one",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            log.warning(f"checkpoint {path} is unreadable ({problem}); falling back to the "
+                        f"previous one")
         return None
 
     @staticmethod

@@ -1,13 +1,16 @@
 """Typed configuration: a dataclass schema merged with YAML files and ``key=value`` overrides.
 
-The dataclasses below are the one source of defaults (the paper's recipe); ``conf/config.yaml``
-states the same recipe for people to read, and a test keeps the two equal. Factories take the
-typed config and never fall back to defaults of their own; every choice is checked here, in
-:func:`validate`.
+The dataclasses below are the one source of defaults (the paper's recipe): choices are
+``Literal`` fields (omegaconf refuses others, naming the key) and bounds sit next to their field.
+``conf/config.yaml`` states the same values with comments for people to read
+(``python -m asc_dist.config --defaults`` prints them; a test fails when the file is stale); it
+is never merged into a run. Factories take the typed config and never fall back to defaults of
+their own. Model names live in asc_dist.model's registry (checked by :func:`asc_dist.model.
+check_model` before any process group starts), so this module imports no torch.
 
-Load order: the schema, ``conf/config.yaml``, extra YAML files in the order given, then omegaconf
-dotlist overrides. Unknown keys, wrong types and impossible values fail here, before any process
-group or data work starts, with a message naming the key.
+Load order: the schema, extra YAML files in the order given, then omegaconf dotlist overrides.
+Unknown keys, wrong types and impossible values fail here, before any process group or data work
+starts, with a message naming the key.
 
 YAML paths are read relative to the caller's directory; a shipped config (``conf/...``) is also
 found inside an installed package (a wheel carries ``conf/`` as ``asc_dist/conf``).
@@ -17,9 +20,9 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_type_hints
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -28,11 +31,6 @@ from asc_dist.cli import command
 from asc_dist.errors import ConfigError
 
 _PACKAGE = Path(__file__).resolve().parent
-# The models asc_dist.model builds (a test checks it builds exactly these): torchvision ResNets,
-# timm's squeeze-and-excitation ResNets (Table I's SE-ResNet row), the DCASE 2018 baseline CNN.
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-SERESNETS = ("seresnet18", "seresnet34", "seresnet50")
-MODEL_NAMES = (*RESNETS, *SERESNETS, "dcase_baseline")
 
 
 def conf_dir() -> Path:
@@ -57,22 +55,31 @@ def resolve_yaml(path: str | Path) -> Path:
                       + (f" and {conf_dir()}" if shipped is not None else "") + ")")
 
 
+def positive(default: Any) -> Any:
+    """A field whose value must be > 0 (checked by :func:`validate`, which names the key)."""
+    return field(default=default, metadata={"bound": "> 0"})
+
+
+def non_negative(default: Any) -> Any:
+    return field(default=default, metadata={"bound": ">= 0"})
+
+
 @dataclass
 class FeaturesConfig:
     """Log-mel front end (Ye et al.: 48 kHz, Hann 2048, hop 1500, 64 mels 50 Hz-24 kHz, log)."""
 
-    sample_rate: int = 48000
-    n_fft: int = 2048
-    win_length: int = 2048
-    hop_length: int = 1500
-    n_mels: int = 64
+    sample_rate: int = positive(48000)
+    n_fft: int = positive(2048)
+    win_length: int = positive(2048)
+    hop_length: int = positive(1500)
+    n_mels: int = positive(64)
     f_min: float = 50.0
     f_max: float = 24000.0
     # Every clip is padded/cropped to this length before the STFT, so a short file cannot
     # change a batch's shape.
-    clip_seconds: float = 10.0
+    clip_seconds: float = positive(10.0)
     # Centred STFT gives 321 frames for 10 s; the paper's 320 is a crop of the last frame.
-    frames: int = 320
+    frames: int = positive(320)
     # dB floor: 10*log10(max(power, 10**(floor_db/10))).
     floor_db: float = -100.0
 
@@ -83,36 +90,39 @@ class DataConfig:
     shards: str = "shards/tut2018"
     train_split: str = "train"
     test_split: str = "test"
-    backend: str = "auto"  # dali | torch | auto
+    backend: Literal["dali", "torch", "auto"] = "auto"  # auto: dali when installed
     # DALI threads / DataLoader workers per rank; 0 = this process's CPUs / ranks on the node
-    num_threads: int = 0
-    shuffle_buffer: int = 256  # streaming training: samples mixed within a rank's share
-    prefetch: int = 2  # batches prepared ahead
+    num_threads: int = non_negative(0)
+    shuffle_buffer: int = positive(256)  # streaming training: samples mixed within a rank's share
+    prefetch: int = positive(2)  # batches prepared ahead
     # device: compute each clip's features once and keep the split on the training device (host
     # memory on CPU); auto: the same when the split fits in cache_max_gb, else stream; none: stream
-    cache: str = "auto"
-    cache_max_gb: float = 4.0
+    cache: Literal["device", "auto", "none"] = "auto"
+    cache_max_gb: float = positive(4.0)
     # Per-mel-bin standardisation from the training split only; stats file lives beside the shards.
     standardize: bool = True
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet50"  # one of MODEL_NAMES
+    # A name asc_dist.model's registry knows (checked before any process group starts; the
+    # registry imports torchvision/timm, which this module stays free of).
+    name: str = "resnet50"
     pretrained: str = "imagenet"  # imagenet | none | /path/to/state_dict.pt
-    input_adapt: str = "sum"  # sum: 1-channel conv1 = sum of RGB filters | repeat: input x3
+    # sum: 1-channel conv1 = sum of RGB filters | repeat: input x3
+    input_adapt: Literal["sum", "repeat"] = "sum"
     resize: list[int] | None = None  # [H, W] to interpolate the log-mel to, or null
     channels_last: bool = True  # used on CUDA only
     compile: bool = False  # torch.compile the model (after the DDP wrap)
     # reduce-overhead: CUDA-graph capture of forward and backward, for small per-GPU batches
     # where launching kernels costs more than running them; off by default until measured
-    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
 
 
 @dataclass
 class LossConfig:
-    name: str = "focal"  # focal | ce
-    gamma: float = 2.0
+    name: Literal["focal", "ce"] = "focal"
+    gamma: float = non_negative(2.0)
     alpha: Any = 1.0  # scalar, or one weight per class
 
 
@@ -125,41 +135,44 @@ class MixupConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adabound"  # adabound | adam | sgd
-    lr: float = 1e-3
-    final_lr: float = 0.1
-    gamma: float = 1e-3  # AdaBound's bound convergence speed
-    weight_decay: float = 0.0
+    name: Literal["adabound", "adam", "sgd"] = "adabound"
+    lr: float = positive(1e-3)
+    final_lr: float = positive(0.1)
+    gamma: float = positive(1e-3)  # AdaBound's bound convergence speed
+    weight_decay: float = non_negative(0.0)
     momentum: float = 0.9  # sgd only
-    decay_every: int = 200
-    decay_factor: float = 0.9
-    warmup_iters: int = 0
+    decay_every: int = positive(200)
+    decay_factor: float = positive(0.9)
+    warmup_iters: int = non_negative(0)
 
 
 @dataclass
 class TrainConfig:
-    max_iters: int = 5000
-    global_batch: int = 64
-    eval_every: int = 500
-    ckpt_every: int = 500
-    keep_last: int = 3
-    log_every: int = 20
+    max_iters: int = positive(5000)
+    global_batch: int = positive(64)
+    eval_every: int = positive(500)
+    ckpt_every: int = positive(500)
+    keep_last: int = positive(3)
+    log_every: int = positive(20)
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    grad_clip: float = 0.0  # max grad norm; 0 disables
+    # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    grad_clip: float = non_negative(0.0)  # max grad norm; 0 disables
     sync_bn: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    grad_compress: str = "none"  # none | bf16: all-reduce gradients in bf16 (slow interconnects)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16: all-reduce gradients in bf16 (slow interconnects)
+    grad_compress: Literal["none", "bf16"] = "none"
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"  # online | offline | disabled
+    mode: Literal["online", "offline", "disabled"] = "disabled"
     project: str = "asc-dist"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
-    log_images: int = 4
-    init_timeout: float = 30.0  # seconds; an unreachable server then means "W&B off", not a hang
+    log_images: int = non_negative(4)
+    # seconds; an unreachable server then means "W&B off", not a hang
+    init_timeout: float = non_negative(30.0)
 
 
 @dataclass
@@ -167,7 +180,7 @@ class Config:
     name: str = "paper"
     run_dir: str = "runs/${name}"
     resume: str = "auto"  # auto | never | /path/to/checkpoint.pt
-    num_classes: int = 10
+    num_classes: int = positive(10)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,49 +191,22 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-_CHOICES = {
-    "model.name": set(MODEL_NAMES),
-    "data.backend": {"dali", "torch", "auto"},
-    "data.cache": {"device", "auto", "none"},
-    "model.input_adapt": {"sum", "repeat"},
-    "model.compile_mode": {"default", "reduce-overhead", "max-autotune"},
-    "loss.name": {"focal", "ce"},
-    "optim.name": {"adabound", "adam", "sgd"},
-    "train.precision": {"auto", "bf16", "fp32"},
-    "train.device": {"auto", "cpu", "cuda"},
-    "train.grad_compress": {"none", "bf16"},
-    "wandb.mode": {"online", "offline", "disabled"},
-}
-_POSITIVE = [
-    "features.sample_rate", "features.n_fft", "features.win_length", "features.hop_length",
-    "features.n_mels", "features.clip_seconds", "features.frames", "data.shuffle_buffer",
-    "data.prefetch", "data.cache_max_gb",
-    "optim.lr", "optim.final_lr", "optim.gamma", "optim.decay_every", "optim.decay_factor", "train.max_iters",
-    "train.global_batch", "train.eval_every", "train.ckpt_every", "train.keep_last",
-    "train.log_every", "num_classes",
-]
-_NON_NEGATIVE = ["data.num_threads", "optim.weight_decay", "optim.warmup_iters",
-                 "train.grad_clip", "wandb.init_timeout", "wandb.log_images"]
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+def _check_bounds(schema: type, cfg: Any, prefix: str = "") -> None:
+    """The bounds stated next to the fields (:func:`positive`, :func:`non_negative`)."""
+    types = get_type_hints(schema)
+    for f in fields(schema):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        bound = f.metadata.get("bound")
+        if is_dataclass(types[f.name]):
+            _check_bounds(types[f.name], value, f"{key}.")
+        elif (bound == "> 0" and not value > 0) or (bound == ">= 0" and not value >= 0):
+            raise ConfigError(f"{key}={value!r}: must be {bound}")
 
 
 def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
     """Check values the type system cannot; raise ConfigError naming the key."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    for key, allowed in _CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={_get(cfg, key)!r}: must be one of {sorted(allowed)}")
-    for key in _POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
-    for key in _NON_NEGATIVE:
-        if not _get(cfg, key) >= 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r}: must be >= 0")
+    _check_bounds(Config, cfg)
     f = cfg.features
     if f.win_length > f.n_fft:
         raise ConfigError(f"features.win_length={f.win_length} is larger than features.n_fft={f.n_fft}")
@@ -261,11 +247,6 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
         raise ConfigError(f"loss.alpha={alpha!r}: must be a number or a list of numbers")
     if any(not isinstance(v, (int, float)) or v < 0 for v in values):
         raise ConfigError(f"loss.alpha={list(values)!r}: weights must be numbers >= 0")
-    if cfg.loss.gamma < 0:
-        raise ConfigError(f"loss.gamma={cfg.loss.gamma}: must be >= 0")
-    if cfg.model.pretrained == "imagenet" and cfg.model.name not in RESNETS:
-        raise ConfigError(f"model.pretrained=imagenet: there are no ImageNet weights for "
-                          f"model.name={cfg.model.name}; use model.pretrained=none or a path")
     if cfg.model.resize is not None and (
         len(cfg.model.resize) != 2 or min(cfg.model.resize) <= 0
     ):
@@ -281,20 +262,17 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: bad config key '{key}': {reason}") from None
 
 
-def load(
-    args: list[str] | tuple[str, ...] = (),
-    *,
-    base: bool = True,
-    world_size: int | None = None,
-) -> DictConfig:
-    """Build the run config from ``args``: YAML paths first, then ``key=value`` overrides.
+def defaults() -> DictConfig:
+    """The schema's defaults, unresolved (``run_dir: runs/${name}``)."""
+    return OmegaConf.structured(Config)
 
-    ``base=False`` skips ``conf/config.yaml`` (the schema alone; for the equality test).
-    """
-    cfg = OmegaConf.structured(Config)
+
+def load(args: list[str] | tuple[str, ...] = (), *, world_size: int | None = None) -> DictConfig:
+    """Build the run config from ``args``: YAML paths first, then ``key=value`` overrides."""
+    cfg = defaults()
     yamls = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
-    for path in ([conf_dir() / "config.yaml"] if base else []) + [resolve_yaml(y) for y in yamls]:
+    for path in [resolve_yaml(y) for y in yamls]:
         try:
             loaded = OmegaConf.load(path)
         except Exception as e:  # noqa: BLE001 - yaml errors carry line numbers; keep them
@@ -332,8 +310,15 @@ def from_dict(d: dict) -> DictConfig:
 
 @command("asc_dist.config")
 def main(argv: list[str] | None = None) -> int:
-    """``python -m asc_dist.config [yaml ...] [key=value ...]`` prints the resolved config."""
+    """``python -m asc_dist.config [yaml ...] [key=value ...]`` prints the resolved config;
+    ``--defaults`` prints the schema's defaults (what ``conf/config.yaml`` states)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--defaults"]:
+        print(OmegaConf.to_yaml(defaults()), end="")
+        return 0
+    if any(a.startswith("-") for a in argv):
+        raise ConfigError(f"unknown option {next(a for a in argv if a.startswith('-'))!r}; usage: "
+                          "python -m asc_dist.config [--defaults | yaml ... key=value ...]")
     print(to_yaml(load(argv)), end="")
     return 0
 

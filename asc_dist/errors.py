@@ -33,3 +33,7 @@ class RunLockedError(UserError):
 
 class TrainingDiverged(UserError, FloatingPointError):
     """The loss became NaN or infinite; the message names the steps."""
+
+
+class FetchError(UserError):
+    """A download or install failed; the message names the file and the URL or path at fault."""

@@ -14,6 +14,7 @@ per_class.png, predictions.tsv and, for a run's checkpoint, the run's training c
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +30,8 @@ from asc_dist.plots import plot_curves
 from asc_dist.restore import checkpoint_config, resolve_checkpoint, restore
 from asc_dist.tracking import read_metrics
 from asc_dist.validate import evaluate, sample_groups, write_report_files
+
+log = logging.getLogger(__name__)
 
 
 def _split_location(arg: str | None, cfg: DictConfig) -> tuple[str, str]:
@@ -91,8 +94,8 @@ def run(args: argparse.Namespace, env: dist.DistEnv, state: dict | None = None) 
         curves = plot_curves(read_metrics(metrics), out / "curves.png",
                              title=f"{cfg.name} (training)") if metrics.is_file() else None
         print(format_report(report, classes), flush=True)
-        print(f"wrote {out}/report.json, report.md, confusion.png, per_class.png, predictions.tsv"
-              + (", curves.png" if curves else ""), flush=True)
+        log.info(f"wrote {out}/report.json, report.md, confusion.png, per_class.png, predictions.tsv"
+                 + (", curves.png" if curves else ""))
     return report
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +43,8 @@ from asc_dist.audio import RESAMPLER
 from asc_dist.cli import command
 from asc_dist.frontend import LogMel, clip_samples, fix_length
 from asc_dist.restore import restore
+
+log = logging.getLogger(__name__)
 
 FORMAT = "asc-dist-export/1"
 FILES = {"torchscript": "model.pt", "export": "model.pt2"}
@@ -270,8 +272,8 @@ def export(restored, out_dir: str | Path, *, formats: tuple[str, ...] = ("torchs
             except Exception as e:
                 if strict or len(formats) == 1:
                     raise ExportError(f"cannot build the {fmt} module: {type(e).__name__}: {e}") from e
-                print(f"warning: skipping the {fmt} format: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+                log.warning("skipping the %s format: %s: %s", fmt, type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
         if not built:
             raise ExportError("no export format could be built")
         files = {fmt: FILES[fmt] for fmt in built}
@@ -323,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = export(restored, args.out, formats=formats, overwrite=args.overwrite, atol=args.atol)
     except ExportError as e:  # the model cannot be exported as asked: not an input problem
-        print(f"asc_dist.export: error: {e}", file=sys.stderr)
+        log.error("asc_dist.export: %s", e)
         return 1
     diffs = ", ".join(f"{FILES[k]} {v:.1e}" for k, v in meta["check"]["max_abs_diff"].items())
-    print(f"exported {restored.path} (step {restored.step}, {meta['model']}, {len(meta['classes'])} "
-          f"classes) to {args.out}/; round trip max |logit diff|: {diffs}")
-    print(f"load with torch only: {meta['load']}")
+    log.info(f"exported {restored.path} (step {restored.step}, {meta['model']}, "
+             f"{len(meta['classes'])} classes) to {args.out}/; round trip max |logit diff|: {diffs}")
+    log.info(f"load with torch only: {meta['load']}")
     return 0
 
 

@@ -12,6 +12,7 @@ The front end itself is asc_dist.frontend (torch) and asc_dist.data.dali (DALI).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from asc_dist.dist import pick_device
 from asc_dist.errors import DataError
 from asc_dist.frontend import LogMel
 from asc_dist.plots import plot_logmel
+
+log = logging.getLogger(__name__)
 
 
 def features_for_file(path: str | Path, cfg: Any, backend: str = "torch") -> np.ndarray:
@@ -70,10 +73,10 @@ def dump_main(argv: list[str]) -> int:
     if args.out:
         with atomic.writing(args.out, what="features") as fh:
             np.save(fh, feats)
-        print(f"wrote {args.out}")
+        log.info(f"wrote {args.out}")
     if args.png:
         plot_logmel(feats, args.png, f, f"{Path(args.audio).name} ({backend})")
-        print(f"wrote {args.png}")
+        log.info(f"wrote {args.png}")
     return 0
 
 

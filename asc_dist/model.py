@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +41,13 @@ from torch import nn
 from torchvision.models import get_model_weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from asc_dist.config import SERESNETS, ModelConfig
+from asc_dist.config import ModelConfig
 from asc_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Same block/layer layout as torchvision's builders, so state dict keys match their weight files.
-# The names are config.MODEL_NAMES (validated there); a test keeps the two in step.
+# Same block/layer layout as torchvision's builders, so state dict keys match their weight files
+# (torchvision keeps the layouts inside its builder functions, with no table to read them from).
 RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
@@ -232,17 +233,54 @@ def _log_report(report: LoadReport) -> None:
             log.warning("%s keys from %s: %s", kind, report.source, other)
 
 
-def build_model(cfg_model: ModelConfig, num_classes: int) -> nn.Module:
-    """Build ``cfg.model`` (validated by asc_dist.config) with a ``num_classes``-way head, on CPU."""
-    resize = tuple(int(s) for s in cfg_model.resize) if cfg_model.resize is not None else None
-    if cfg_model.name in RESNETS:
-        block, layers = RESNETS[cfg_model.name]
-        model: nn.Module = SpecResNet(block, layers, num_classes, cfg_model.input_adapt, resize)
-    elif cfg_model.name in SERESNETS:
-        model = SpecTimm(cfg_model.name, num_classes, cfg_model.input_adapt, resize)
-    else:
-        model = DcaseBaseline(num_classes, resize)
+Builder = Callable[[str, ModelConfig, int, "tuple[int, int] | None"], nn.Module]
 
+
+def _resnet(name: str, m: ModelConfig, num_classes: int, resize) -> nn.Module:
+    return SpecResNet(*RESNETS[name], num_classes, m.input_adapt, resize)
+
+
+def _timm(name: str, m: ModelConfig, num_classes: int, resize) -> nn.Module:
+    return SpecTimm(name, num_classes, m.input_adapt, resize)
+
+
+def _dcase_baseline(name: str, m: ModelConfig, num_classes: int, resize) -> nn.Module:
+    return DcaseBaseline(num_classes, resize)
+
+
+# The one list of model names (model.name): name -> builder. seresnet*: timm's squeeze-and-
+# excitation ResNets (Table I's SE-ResNet row); dcase_baseline: the DCASE 2018 baseline CNN.
+MODELS: dict[str, Builder] = {
+    **dict.fromkeys(RESNETS, _resnet),
+    **dict.fromkeys(("seresnet18", "seresnet34", "seresnet50"), _timm),
+    "dcase_baseline": _dcase_baseline,
+}
+# Families named by a prefix (``prefix:<name>``), resolved by their builder at build time.
+PREFIXED: dict[str, Builder] = {}
+
+
+def _builder(name: str) -> Builder:
+    if name in MODELS:
+        return MODELS[name]
+    prefix = name.split(":", 1)[0] + ":" if ":" in name else None
+    if prefix in PREFIXED and name != prefix:
+        return PREFIXED[prefix]
+    known = ", ".join([*MODELS, *(f"{p}<name>" for p in PREFIXED)])
+    raise ConfigError(f"model.name={name!r}: unknown model; known: {known}")
+
+
+def check_model(cfg_model: ModelConfig) -> None:
+    """What the config layer cannot check about ``model``: a known name, weights that exist."""
+    _builder(cfg_model.name)
+    if cfg_model.pretrained == "imagenet" and cfg_model.name not in RESNETS:
+        raise ConfigError(f"model.pretrained=imagenet: there are no ImageNet weights for "
+                          f"model.name={cfg_model.name}; use model.pretrained=none or a path")
+
+
+def build_model(cfg_model: ModelConfig, num_classes: int) -> nn.Module:
+    """Build ``cfg.model`` with a ``num_classes``-way head, on CPU, pretrained weights loaded."""
+    resize = tuple(int(s) for s in cfg_model.resize) if cfg_model.resize is not None else None
+    model = _builder(cfg_model.name)(cfg_model.name, cfg_model, num_classes, resize)
     path = pretrained_file(cfg_model)
     if path is not None:
         load_pretrained(model, _read_state_dict(path), source=str(path))
@@ -252,6 +290,7 @@ def build_model(cfg_model: ModelConfig, num_classes: int) -> nn.Module:
 def pretrained_file(cfg_model: ModelConfig) -> Path | None:
     """The weights file ``model.pretrained`` names (None for ``none``); a ConfigError saying
     where to put it when it is missing."""
+    check_model(cfg_model)
     pretrained = str(cfg_model.pretrained)
     if pretrained == "none":
         return None
@@ -261,9 +300,12 @@ def pretrained_file(cfg_model: ModelConfig) -> Path | None:
             url = get_model_weights(cfg_model.name)[IMAGENET_WEIGHTS].url
             raise ConfigError(
                 f"model.pretrained=imagenet: ImageNet weights for {cfg_model.name} not found. Place "
-                f"the file {path.name} at {path} (download it from {url} on a machine with network "
-                f"access; TORCH_HOME={os.environ.get('TORCH_HOME', '<unset>')}), or set "
-                "model.pretrained=none or a path to a state dict.")
+                f"the file {path.name} at {path}: `python -m asc_dist.weights fetch "
+                f"{cfg_model.name}` downloads it there; without network, download {url} on a "
+                f"machine that has it and install it with `python -m asc_dist.weights fetch "
+                f"{cfg_model.name} --from FILE` (TORCH_HOME="
+                f"{os.environ.get('TORCH_HOME', '<unset>')}), or set model.pretrained=none or a "
+                "path to a state dict.")
         return path
     path = Path(pretrained).expanduser()
     if not path.is_file():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ from asc_dist.dist import pick_device
 from asc_dist.errors import ConfigError, DataError
 from asc_dist.frontend import LogMel, clip_samples, fix_length
 from asc_dist.restore import restore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,7 +130,7 @@ def predict_files(restored, items: list[Item], *, batch_size: int = 16, workers:
                 if w is None:
                     failed[i] = why
                     msg = f"skipped {items[i].path}: {why}"
-                    (bar.write(msg, file=sys.stderr) if bar else print(msg, file=sys.stderr))
+                    (bar.write(msg, file=sys.stderr) if bar else log.warning(msg))
             if ok:
                 wave = torch.stack([w for _, w in ok]).to(device)
                 x = restored.standardize(logmel(wave))
@@ -200,12 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     probs, failed = predict_files(restored, items, batch_size=args.batch_size, workers=args.workers,
                                   device=device, progress=not args.quiet)
     rows = write_predictions(args.out, items, probs, restored.classes, scores=args.scores)
-    print(f"predicted {rows} of {len(items)} files with {restored.path} (step {restored.step}); "
-          f"wrote {args.out}", file=sys.stderr)
+    log.info(f"predicted {rows} of {len(items)} files with {restored.path} (step "
+             f"{restored.step}); wrote {args.out}")
     if failed:
-        print(f"{len(failed)} unreadable file(s), not in {args.out}:", file=sys.stderr)
-        for i, why in sorted(failed.items()):
-            print(f"  {items[i].path}: {why}", file=sys.stderr)
+        log.warning(f"{len(failed)} unreadable file(s), not in {args.out}:\n"
+                    + "\n".join(f"  {items[i].path}: {why}" for i, why in sorted(failed.items())))
         return 1
     return 0
 

@@ -16,11 +16,14 @@ spent waiting for the next batch.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -81,9 +84,9 @@ class Progress:
         if self.enabled:
             eta = _hms(max(0, self.total - step) * self._ema_step_s)
             width = len(str(self.total))
-            print(f"step {step:>{width}}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
-                  f"{out['clips_per_s']:.1f} clips/s | data wait {100 * out['data_wait_frac']:.1f}% | "
-                  f"eta {eta}", flush=True)
+            log.info(f"step {step:>{width}}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
+                     f"{out['clips_per_s']:.1f} clips/s | data wait {100 * out['data_wait_frac']:.1f}% | "
+                     f"eta {eta}")
         self._open(step)
         return out
 

@@ -22,9 +22,9 @@ remove the other's fresh lock.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from asc_dist.errors import RunLockedError
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = float(os.environ.get("ASC_LOCK_HEARTBEAT", "30"))
@@ -175,8 +177,7 @@ class RunLock:
             if (again.token if again else None) == (holder.token if holder else None):
                 self.path.unlink(missing_ok=True)
                 who = holder.describe() if holder else "unknown holder"
-                print(f"run dir {self.run_dir}: took over a stale lock ({who}: {reason})",
-                      file=sys.stderr, flush=True)
+                log.warning("run dir %s: took over a stale lock (%s: %s)", self.run_dir, who, reason)
         finally:
             breaker.unlink(missing_ok=True)
 
@@ -190,8 +191,8 @@ class RunLock:
                 ours = False
             if not ours and not warned:
                 warned = True
-                print(f"warning: lost the run-dir lock {self.path} (removed or taken over); "
-                      f"another run may now write to {self.run_dir}", file=sys.stderr, flush=True)
+                log.warning("lost the run-dir lock %s (removed or taken over); another run may "
+                            "now write to %s", self.path, self.run_dir)
 
     def release(self) -> None:
         if self.holder is None:

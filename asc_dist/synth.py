@@ -19,6 +19,7 @@ Deterministic: the same arguments give byte-identical files.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -43,6 +44,8 @@ from asc_dist.scenes import (
     render_clip,
     seeded,
 )
+
+log = logging.getLogger(__name__)
 
 DEVICE = "a"
 META_HEADER = "filename\tscene_label\tidentifier\tsource_label"
@@ -79,6 +82,14 @@ def _plan(clips_per_class: int, seed: int, segments_per_location: int, test_frac
     return clips
 
 
+def split_sizes(clips_per_class: int, seed: int = 0, segments_per_location: int = 4,
+                test_fraction: float = 0.3) -> tuple[int, int]:
+    """(train, test) clip counts of :func:`generate` with these arguments, without making any."""
+    clips = _plan(clips_per_class, seed, segments_per_location, test_fraction)
+    test = sum(c["test"] for c in clips)
+    return len(clips) - test, test
+
+
 def _make_clip(task: tuple) -> None:
     """Worker: render one clip and write it. Depends only on its task, so any worker count
     gives the same bytes."""
@@ -102,12 +113,15 @@ def generate(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    bank: int | None = None,
 ) -> Path:
     """Write a synthetic TUT-2018-layout dataset to ``out_dir`` and return its path.
 
     The dataset is built in a temp dir beside ``out_dir`` and renamed into place when complete,
     so ``out_dir`` never holds a half-written dataset. An existing non-empty ``out_dir`` is an
-    error unless ``overwrite`` (then it is replaced).
+    error unless ``overwrite`` (then it is replaced). ``bank``: render only that many clips per
+    class and make the others hard links to them (the same split and names, seconds instead of
+    minutes for thousands of clips: for throughput checks, not for learning).
     """
     if clips_per_class < 2:
         raise UserError(f"clips_per_class={clips_per_class}: need >= 2 (one train and one test location)")
@@ -122,26 +136,32 @@ def generate(
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
     with atomic.staged_dir(out, overwrite=True) as tmp:
         _write_dataset(tmp, clips_per_class, duration, sample_rate, seed, channels, subtype,
-                       segments_per_location, test_fraction, workers, progress)
+                       segments_per_location, test_fraction, workers, progress, bank)
     return out
 
 
 def _write_dataset(tmp: Path, clips_per_class: int, duration: float, sample_rate: int, seed: int,
                    channels: int, subtype: str, segments_per_location: int, test_fraction: float,
-                   workers: int, progress: bool) -> None:
+                   workers: int, progress: bool, bank: int | None = None) -> None:
     (tmp / "audio").mkdir(parents=True)
     (tmp / "evaluation_setup").mkdir()
     n = round(duration * sample_rate)
     clips = _plan(clips_per_class, seed, segments_per_location, test_fraction)
     loc_params: dict[tuple[int, int], dict] = {}
-    tasks, rows = [], []
+    tasks, rows, copies = [], [], []
+    rendered: dict[int, list[str]] = {}  # class -> its rendered files, for the bank's copies
     for clip in clips:
         lk = (clip["class_idx"], clip["loc_index"])
         if lk not in loc_params:
             loc_params[lk] = jitter_location(SPECS[clip["scene"]], seeded(seed, 2, *lk))
         name = f"audio/{clip['scene']}-{clip['city']}-{clip['loc_id']}-{clip['segment']}-{DEVICE}.wav"
-        tasks.append((str(tmp / name), loc_params[lk], clip["city"], clip["segment"], seed, n,
-                      sample_rate, channels, subtype))
+        done = rendered.setdefault(clip["class_idx"], [])
+        if bank and len(done) >= bank:  # the same bytes under another name: a hard link
+            copies.append((done[len(copies) % len(done)], str(tmp / name)))
+        else:
+            done.append(str(tmp / name))
+            tasks.append((str(tmp / name), loc_params[lk], clip["city"], clip["segment"], seed, n,
+                          sample_rate, channels, subtype))
         rows.append((name, clip["scene"], f"{clip['city']}-{clip['loc_id']}", clip["test"]))
     pool = mp.get_context("spawn").Pool(workers, initializer=tune_malloc) if workers > 1 else None
     try:
@@ -149,6 +169,8 @@ def _write_dataset(tmp: Path, clips_per_class: int, duration: float, sample_rate
         for _ in tqdm(done, total=len(tasks), desc="synth", unit="clip", disable=not progress,
                       file=sys.stderr):
             pass
+        for src, dst in copies:
+            os.link(src, dst)
         rows.sort()
         _write_text(tmp / "meta.csv", [META_HEADER] + [f"{f}\t{s}\t{i}\t{DEVICE}" for f, s, i, _ in rows])
         es = tmp / "evaluation_setup"
@@ -194,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         segments_per_location=a.segments_per_location, workers=a.workers,
         overwrite=a.overwrite, progress=not a.no_progress,
     )
-    print(f"wrote {a.clips_per_class * len(SCENES)} clips to {out}")
+    log.info(f"wrote {a.clips_per_class * len(SCENES)} clips to {out}")
     return 0
 
 

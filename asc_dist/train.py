@@ -13,6 +13,7 @@ check, every ``train.log_every`` steps; the stop-signal agreement is asynchronou
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from asc_dist.progress import Progress
 from asc_dist.runlock import RunLock
 from asc_dist.tracking import Tracker, check_credentials, read_metrics
 from asc_dist.validate import evaluate, sample_groups, write_report
+
+log = logging.getLogger(__name__)
 
 
 def epochs_from(source, start_step: int):
@@ -155,11 +158,10 @@ def resume(cfg: DictConfig, p: Parts, ckpt: Checkpointer, is_main: bool) -> tupl
     set_rng_state(state["rng"])
     saved = state.get("data", {}).get("steps_per_epoch")
     if is_main and saved not in (None, p.train_src.steps_per_epoch):
-        print(f"warning: {path} was trained with {saved} steps per epoch, this run has "
-              f"{p.train_src.steps_per_epoch} (world size or train.global_batch changed): training "
-              f"continues, but its data order is no longer the uninterrupted run's", file=sys.stderr, flush=True)
-    if is_main:
-        print(f"resumed from {path} at step {state['step']}", flush=True)
+        log.warning(f"{path} was trained with {saved} steps per epoch, this run has "
+                    f"{p.train_src.steps_per_epoch} (world size or train.global_batch changed): "
+                    f"training continues, but its data order is no longer the uninterrupted run's")
+    log.info(f"resumed from {path} at step {state['step']}")
     return state["step"], state["best_metric"], state.get("wandb_id")
 
 
@@ -233,15 +235,14 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
                                              keep=step == tc.max_iters)
                     tracker.log_eval(step, report, p.classes)
                     is_best, best = report["classwise_accuracy"] > best, max(best, report["classwise_accuracy"])
-                    if env.is_main:
-                        print(f"step {step}: class-wise accuracy {report['classwise_accuracy']:.4f} "
-                              f"(best {best:.4f})", flush=True)
+                    log.info(f"step {step}: class-wise accuracy {report['classwise_accuracy']:.4f} "
+                             f"(best {best:.4f})")
                 if step % tc.ckpt_every == 0 or step == tc.max_iters or stopping or is_best:
                     ckpt.save(step, checkpoint_state(cfg, p, step, best, tracker.run_id), best=is_best)
             if stopping or step >= tc.max_iters:
                 break
-        if stopping and env.is_main:
-            print(f"stop signal received: checkpointed at step {step}; rerun to resume", flush=True)
+        if stopping:
+            log.info(f"stop signal received: checkpointed at step {step}; rerun to resume")
         finish(cfg, env, p, run_dir, start, step, report, preds)
         tracker.summary({"best_classwise_accuracy": best, "step": step})
     finally:
@@ -264,18 +265,18 @@ def finish(cfg: DictConfig, env: dist.DistEnv, p: Parts, run_dir: Path, start: i
     if not env.is_main:
         return
     if env.distributed:
-        print(f"replicas in sync: parameters identical on all {env.world_size} ranks", flush=True)
+        log.info(f"replicas in sync: parameters identical on all {env.world_size} ranks")
     if start >= cfg.train.max_iters:
-        print(f"run {run_dir} already finished at step {start}; nothing to do "
-              f"(resume=never or a new name= starts over)", flush=True)
+        log.info(f"run {run_dir} already finished at step {start}; nothing to do "
+                 f"(resume=never or a new name= starts over)")
         return
     if step >= cfg.train.max_iters and report:
         write_report(run_dir, report, p.classes, step, preds)
-        print(format_report(report, p.classes), flush=True)
+        log.info(format_report(report, p.classes))
     curves = plots.plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "curves.png",
                                title=f"{cfg.name} ({run_dir})")
     if curves is not None:
-        print(f"training curves: {curves}", flush=True)
+        log.info(f"training curves: {curves}")
 
 
 USAGE = """usage: [torchrun --nproc_per_node=N] python -m asc_dist.train [conf/extra.yaml ...] [key=value ...]

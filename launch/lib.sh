@@ -22,44 +22,17 @@ export PYTHONPATH="$ASC_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Prints an error and fails; callers write `x=$(asc_... ) || exit 1`.
 asc_die() { echo "error: $*" >&2; return 1; }
 
-# First host of a SLURM hostlist expression without scontrol: 'gpu[01-03,07],cpu5' -> gpu01,
-# 'rack[1-2]-gpu[08-09]' -> rack1-gpu08. Used only when scontrol is missing or fails.
-asc_first_host_fallback() {
-  local list=$1 item="" ch depth=0 i inner
-  for ((i = 0; i < ${#list}; i++)); do
-    ch=${list:i:1}
-    case $ch in
-      '[') depth=$((depth + 1)) ;;
-      ']') depth=$((depth - 1)) ;;
-      ',') [ "$depth" -eq 0 ] && break ;;
-    esac
-    item+=$ch
-  done
-  local re='^([^[]*)\[([^]]*)\](.*)$'
-  while [[ $item =~ $re ]]; do
-    inner=${BASH_REMATCH[2]}
-    inner=${inner%%,*}
-    inner=${inner%%-*}
-    item="${BASH_REMATCH[1]}${inner}${BASH_REMATCH[3]}"
-  done
-  case $item in *[][]* | "") return 1 ;; esac  # unbalanced brackets: not a hostlist
-  printf '%s\n' "$item"
-}
-
-# The rendezvous host: the first host of the nodelist ($1, default $SLURM_JOB_NODELIST).
+# The rendezvous host: the first host of the nodelist ($1, default $SLURM_JOB_NODELIST), as
+# scontrol expands it (slurm-client installs it on every SLURM node: no parser of our own).
 # Deliberately no "localhost" fallback: every node would rendezvous alone and train its own model.
 asc_head_host() {
-  local list=${1-${SLURM_JOB_NODELIST:-}} head=""
+  local list=${1-${SLURM_JOB_NODELIST:-}} hosts
   [ -n "$list" ] || { asc_die "SLURM_JOB_NODELIST is empty: not inside a SLURM allocation (submit with sbatch)"; return 1; }
-  if command -v scontrol >/dev/null 2>&1; then
-    head=$(scontrol show hostnames "$list" 2>/dev/null) || head=""
-    head=${head%%$'\n'*}
-  fi
-  if [ -z "$head" ]; then
-    head=$(asc_first_host_fallback "$list") || head=""
-  fi
-  [ -n "$head" ] || { asc_die "cannot find the first host of nodelist '$list'"; return 1; }
-  printf '%s\n' "$head"
+  command -v scontrol >/dev/null 2>&1 || {
+    asc_die "scontrol not found on PATH: it expands the nodelist '$list' (package slurm-client)"; return 1; }
+  hosts=$(scontrol show hostnames "$list") && [ -n "$hosts" ] || {
+    asc_die "scontrol could not expand the nodelist '$list' (see its message above)"; return 1; }
+  printf '%s\n' "${hosts%%$'\n'*}"
 }
 
 # A port derived from the job id: jobs sharing a head node get different ports (unless their

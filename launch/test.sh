@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# usage: bash launch/test.sh [pytest args ...]
-# Sets up .venv with the dev extra and runs the test suite. "No tests collected" is a failure.
+# usage: bash launch/test.sh [--fast] [pytest args ...]
+# Sets up .venv with the dev extra and runs the whole test suite (what CI runs), printing the 15
+# slowest tests. --fast skips the tests marked slow (real torchrun/SLURM/launcher processes, the
+# wheel and PyPI round trips): the developer loop. "No tests collected" is a failure.
+# As root, the SLURM tests' daemons (Debian's slurmctld, slurmd, slurm-client) are installed with
+# apt-get when missing; elsewhere those tests skip naming what is missing.
 set -euo pipefail
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,3p' "$0" | sed 's/^# //'; exit 0
+  sed -n '2,7p' "$0" | sed 's/^# //'; exit 0
 fi
+marks=()
+if [ "${1:-}" = "--fast" ]; then shift; marks=(-m "not slow"); fi
 ASC_DEV=1 source "$(dirname "$0")/setup.sh"
 cd "$ASC_ROOT"
+if [ ${#marks[@]} -eq 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && ! { command -v slurmctld && command -v slurmd && command -v sbatch; } >/dev/null 2>&1; then
+  echo "[test] installing slurmctld slurmd slurm-client for tests/test_slurm.py" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends slurmctld slurmd slurm-client; } >/dev/null \
+    || echo "[test] installing SLURM failed: tests/test_slurm.py will say why" >&2
+fi
 set +e
-"$PY" -m pytest -q "$@"
+"$PY" -m pytest -q --durations=15 "${marks[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "launch/test.sh: pytest collected no tests: failing" >&2; exit 1; fi

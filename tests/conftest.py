@@ -70,6 +70,14 @@ def make_shards(
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _logging():
+    """Library code called directly logs as under a command (cli.command sets this up there)."""
+    from asc_dist.cli import setup_logging
+
+    setup_logging()
+
+
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("synth") / "dataset")
@@ -90,3 +98,27 @@ def shard_factory(tmp_path):
         return make_shards(tmp_path / f"variant{n[0]}", **kw)
 
     return factory
+
+
+class Ran:
+    """What an in-process command left: exit code, stdout (its result) and stderr (its log)."""
+
+    def __init__(self, rc: int, out: str, err: str) -> None:
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+    def __repr__(self) -> str:
+        return f"exit {self.returncode}\nSTDOUT:\n{self.stdout[-4000:]}\nSTDERR:\n{self.stderr[-4000:]}"
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(main, argv) -> Ran``: run a command's ``main`` in this process, as its console entry
+    point would (logging set up by the command itself), with its stdout/stderr captured apart."""
+
+    def run(main, argv: list[str]) -> Ran:
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return Ran(rc, out, err)
+
+    return run

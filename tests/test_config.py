@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from asc_dist import config
@@ -79,29 +80,72 @@ def test_shipped_configs_all_load():
             config.load([str(path)])
 
 
-def test_cli_reports_errors_with_exit_code_2():
-    ok = subprocess.run([sys.executable, "-m", "asc_dist.config", "optim.lr=0.01"],
-                        capture_output=True, text=True, cwd=ROOT)
+def test_cli_prints_the_config_and_reports_errors_with_exit_code_2(cli):
+    ok = cli(config.main, ["optim.lr=0.01"])
     assert ok.returncode == 0 and "lr: 0.01" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "asc_dist.config", "train.bogus=1"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and "train.bogus" in bad.stderr
+    bad = cli(config.main, ["train.bogus=1"])
+    assert bad.returncode == 2 and "train.bogus" in bad.stderr and not bad.stdout
+    bad = cli(config.main, ["--default"])
+    assert bad.returncode == 2 and "--default" in bad.stderr
 
 
-def test_config_yaml_states_exactly_the_schema():
-    """conf/config.yaml is the readable statement of the recipe; the schema is the one source of
-    defaults. Every key appears in both, with equal values."""
-    schema = OmegaConf.to_container(config.load([], base=False))
-    stated = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "config.yaml"))
-    stated["run_dir"] = schema["run_dir"]  # both say runs/${name}, resolved in the schema load
+def test_conf_config_yaml_states_exactly_the_defaults(cli):
+    """conf/config.yaml is for reading: the schema's defaults with comments. It is never merged
+    into a run, so a stale copy would mislead, not change a run: this test keeps it current."""
+    printed = cli(config.main, ["--defaults"])
+    assert printed.returncode == 0
+    stated = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())
+    assert stated == yaml.safe_load(printed.stdout), (
+        "conf/config.yaml is stale: update it from `python -m asc_dist.config --defaults`")
 
-    def keys(d, prefix=""):
-        return {f"{prefix}{k}" for k, v in d.items()} | {
-            x for k, v in d.items() if isinstance(v, dict) for x in keys(v, f"{prefix}{k}.")}
 
-    assert keys(stated) == keys(schema)
-    assert stated == schema
-    assert config.load([]) == config.load([], base=False)
+def test_choices_and_bounds_live_in_the_schema():
+    """A choice is a Literal field (the config layer names the key and the allowed values); a
+    bound sits next to its field."""
+    with pytest.raises(ConfigError, match=r"data\.backend.*'dalli'.*\['dali', 'torch', 'auto'\]"):
+        config.load(["data.backend=dalli"])
+    with pytest.raises(ConfigError, match=r"train\.precision.*'fp16'"):
+        config.load(["train.precision=fp16"])
+    with pytest.raises(ConfigError, match=r"optim\.decay_every=0: must be > 0"):
+        config.load(["optim.decay_every=0"])
+    with pytest.raises(ConfigError, match=r"optim\.weight_decay=-0\.1: must be >= 0"):
+        config.load(["optim.weight_decay=-0.1"])
+
+
+# A default restated on purpose: YAMLs compose, and these values must hold whatever came before.
+RESTATED = {("baseline.yaml", "features.n_fft")}  # its 1920-sample window needs n_fft >= 1920
+
+
+def test_experiment_yamls_state_only_what_differs_from_the_defaults():
+    defaults = OmegaConf.to_container(config.defaults())
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    for path in sorted((ROOT / "conf").rglob("*.yaml")):
+        if path.name == "config.yaml":
+            continue
+        for key, value in leaves(yaml.safe_load(path.read_text()) or {}):
+            default = defaults
+            for part in key.split("."):
+                default = default[part]
+            assert value != default or (path.name, key) in RESTATED, (
+                f"{path.relative_to(ROOT)}: {key}: {value!r} is the default")
+
+
+def test_model_names_come_from_the_models_registry():
+    """Config accepts any model.name string (it imports no torch); the registry refuses unknown
+    ones before any process group, listing the known names, prefixed families included."""
+    from asc_dist import model
+
+    cfg = config.load(["model.name=resnet51"])  # the config layer does not know the models
+    with pytest.raises(ConfigError, match=r"model\.name='resnet51': unknown model; known: .*resnet50"):
+        model.check_model(cfg.model)
+    for name in model.MODELS:  # today's names, also those in saved checkpoints
+        model.check_model(config.load([f"model.name={name}", "model.pretrained=none"]).model)
+    with pytest.raises(ConfigError, match="no ImageNet weights for model.name=seresnet50"):
+        model.check_model(config.load(["model.name=seresnet50"]).model)
 
 
 def test_shipped_configs_are_found_from_any_directory(tmp_path, monkeypatch):

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -339,36 +338,28 @@ def test_train_needs_a_full_global_batch(packed_shards):
 
 # --------------------------------------------------------------------------- backend choice
 
-_NO_DALI = """
-import sys
-sys.modules["nvidia.dali"] = None  # what a machine without DALI looks like to `import`
-import torch
-from asc_dist import config
-from asc_dist.data import DataError, build_source
-args = sys.argv[1:]
-def build(backend):
-    cfg = config.load(args + ["data.backend=" + backend], world_size=1)
-    return build_source(cfg, "test", train=False, rank=0, world_size=1,
-                        device=torch.device("cpu"), batch_size=4)
-a, b = build("auto"), build("auto")
-print("BACKENDS", a.backend, b.backend, sum(1 for _ in a.epoch(0)))
-try:
-    build("dali")
-except DataError as e:
-    print("DALI-ERROR", e)
-"""
+def test_without_dali_auto_falls_back_and_dali_fails_clearly(packed_shards, monkeypatch, capsys):
+    import asc_dist.data as data_mod
 
+    # What a machine without DALI looks like to `import`, with the probe not yet made.
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    monkeypatch.delitem(sys.modules, "asc_dist.data.dali", raising=False)
+    monkeypatch.setattr(data_mod, "_dali_state", {})
 
-def test_without_dali_auto_falls_back_and_dali_fails_clearly(packed_shards):
-    r = subprocess.run([sys.executable, "-c", _NO_DALI, *SMALL, f"data.shards={packed_shards}"],
-                       check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr
-    assert "BACKENDS torch torch 5" in r.stdout
-    notes = [ln for ln in r.stderr.splitlines() if "DALI unavailable" in ln]
+    def build(backend):
+        cfg = config.load([*SMALL, f"data.shards={packed_shards}", f"data.backend={backend}"],
+                          world_size=1)
+        return build_source(cfg, "test", train=False, rank=0, world_size=1,
+                            device=torch.device("cpu"), batch_size=4)
+
+    a, b = build("auto"), build("auto")
+    assert (a.backend, b.backend, sum(1 for _ in a.epoch(0))) == ("torch", "torch", 5)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "DALI unavailable" in ln]
     assert len(notes) == 1 and "torch backend" in notes[0]  # one clear line, not one per source
-    err = next(ln for ln in r.stdout.splitlines() if ln.startswith("DALI-ERROR"))
-    assert "data.backend=dali" in err and "cannot be imported" in err and "data.backend=torch" in err
+    with pytest.raises(DataError) as e:
+        build("dali")
+    assert "data.backend=dali" in str(e.value) and "cannot be imported" in str(e.value)
+    assert "data.backend=torch" in str(e.value)
 
 
 @needs_dali

@@ -84,7 +84,7 @@ def test_missing_and_stale_shards(train, packed_shards, tmp_path):
 
 
 def test_missing_pretrained_weights(train, packed_shards, tmp_path):
-    p = train(packed_shards, tmp_path / "r", "model.pretrained=imagenet",
+    p = train(packed_shards, tmp_path / "r", "model.name=resnet18", "model.pretrained=imagenet",
               TORCH_HOME=str(tmp_path / "torch_home"))
     assert_clean_error(p, "resnet18-f37072fd.pth", str(tmp_path / "torch_home"))
 
@@ -123,6 +123,7 @@ def python_m(*args: str, **env) -> subprocess.CompletedProcess:
                           text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_a_real_process_exits_2_and_debug_shows_the_traceback(tmp_path):
     assert_clean_error(python_m("asc_dist.train", "optim.lrr=1"), "optim.lrr")
     p = python_m("asc_dist.train", "optim.lrr=1", ASC_DEBUG="1")

@@ -30,7 +30,7 @@ def small_cfg(shards=None, *extra):
 
 
 def librosa_logmel(wave: np.ndarray, f) -> np.ndarray:
-    """Independent oracle: librosa with the settings PITFALLS.md spells out."""
+    """Independent oracle: librosa with matched settings (reflect padding, Slaney mels and norm)."""
     import librosa
 
     power = librosa.feature.melspectrogram(

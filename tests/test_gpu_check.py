@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_gpu_check_quick_on_cpu_runs_every_step_and_writes_results(tmp_path):
     out = tmp_path / "check"
     env = dict(os.environ, ASC_PYTHON=sys.executable, OMP_NUM_THREADS="1", WANDB_SILENT="true")

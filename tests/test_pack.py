@@ -443,7 +443,7 @@ def test_existing_output_refused_or_replaced_atomically(synth_dataset, tmp_path,
     args = [str(synth_dataset), str(out), "--workers", "1", "--sample-rate", "16000",
             "--shard-max-samples", "4", "--no-progress"]
     assert pack_main(args) == 0
-    assert "clips/s" in capsys.readouterr().out  # throughput line
+    assert "clips/s" in capsys.readouterr().err  # throughput line
     before = {s: _digest(out / s) for s in ("train", "test")}
 
     assert pack_main(args) == 2

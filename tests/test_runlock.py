@@ -134,9 +134,18 @@ def env() -> dict:
     return e
 
 
+@pytest.mark.slow
 def test_second_training_on_the_same_run_dir_is_refused_then_a_killed_run_is_taken_over(
-        packed_shards, tmp_path):
+        packed_shards, tmp_path, cli, monkeypatch):
+    from asc_dist import torchrun, train
+
+    def no_exec(*a):
+        raise AssertionError(f"the launcher started torchrun: {a}")
+
+    monkeypatch.setattr(os, "execv", no_exec)  # were the refusal missing, pytest would be replaced
+
     run_dir = tmp_path / "run"
+    # The holder is a real process: it must die holding the lock (SIGKILL).
     first = subprocess.Popen(train_cmd(packed_shards, run_dir, "train.max_iters=400", "train.log_every=1",
                                        "train.eval_every=1000", "train.ckpt_every=1000"),
                              cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -145,23 +154,19 @@ def test_second_training_on_the_same_run_dir_is_refused_then_a_killed_run_is_tak
         for line in first.stdout:
             if re.search(r"step\s+2/", line):
                 break
-        second = subprocess.run(train_cmd(packed_shards, run_dir, "train.max_iters=4"), cwd=ROOT,
-                                env=env(), capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2, second.stderr
+        second = cli(train.main, train_cmd(packed_shards, run_dir, "train.max_iters=4")[3:])
+        assert second.returncode == 2, second
         assert f"pid {first.pid}" in second.stderr and socket.gethostname() in second.stderr
         assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
         # the same refusal through the launcher, before torchrun starts
-        launched = subprocess.run([sys.executable, "-m", "asc_dist.torchrun", "--nproc", "2", "--",
-                                   *train_cmd(packed_shards, run_dir)[3:]], cwd=ROOT, env=env(),
-                                  capture_output=True, text=True, timeout=120)
+        launched = cli(torchrun.main, ["--nproc", "2", "--", *train_cmd(packed_shards, run_dir)[3:]])
         assert launched.returncode == 2 and f"pid {first.pid}" in launched.stderr
         assert "torch.distributed" not in launched.stderr
     finally:
         first.send_signal(signal.SIGKILL)  # dies holding the lock
         first.wait()
     assert (run_dir / ".lock").exists()
-    third = subprocess.run(train_cmd(packed_shards, run_dir, "train.max_iters=2", "resume=never"),
-                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
-    assert third.returncode == 0, third.stderr[-3000:]
+    third = cli(train.main, train_cmd(packed_shards, run_dir, "train.max_iters=2", "resume=never")[3:])
+    assert third.returncode == 0, third
     assert "took over a stale lock" in third.stderr and f"process {first.pid} is gone" in third.stderr
     assert not (run_dir / ".lock").exists()  # released at the end

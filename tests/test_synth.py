@@ -133,7 +133,7 @@ def test_cli(tmp_path, capsys):
                      "16000", "--seed", "1", "--no-progress"])
     assert rc == 0
     assert len(list((out / "audio").glob("*.wav"))) == 20
-    assert "wrote 20 clips" in capsys.readouterr().out
+    assert "wrote 20 clips" in capsys.readouterr().err
     assert synth.main([str(tmp_path / "bad"), "--clips-per-class", "1"]) == 2
     assert "clips_per_class" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:

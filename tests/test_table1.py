@@ -8,38 +8,38 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_evaluate import ROOT, ok, run
+from test_evaluate import ROOT
 
 from asc_dist import table1
 from asc_dist.table1.stats import mean_ci, paired_bootstrap
 from asc_dist.validate import read_predictions
 
 # features.frames=16: the baseline's own front end (hop 960) gives 17 frames for 1 s at 16 kHz
-SMOKE = ["conf/smoke.yaml", "train.max_iters=2", "train.eval_every=2", "data.backend=torch",
-         "train.device=cpu", "features.frames=16"]
+SMOKE = ["conf/smoke.yaml", str(Path(__file__).parent / "smoke_resnet.yaml"), "train.max_iters=2",
+         "train.eval_every=2", "data.backend=torch", "train.device=cpu", "features.frames=16"]
 
 
-def sweep_cmd(shards: Path, root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "asc_dist.table1", "run", "--shards", str(shards),
-            "--runs-root", str(root), *extra, *SMOKE]
+def sweep_args(shards: Path, root: Path, *extra: str) -> list[str]:
+    return ["run", "--shards", str(shards), "--runs-root", str(root), *extra, *SMOKE]
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, packed_shards) -> Path:
-    """Two rows x two seeds at smoke size, two trainings at a time, then the table."""
+    """Two rows x two seeds at smoke size, two trainings at a time (each a real torchrun), then
+    the table."""
     root = tmp_path_factory.mktemp("table1")
-    p = ok(run(sweep_cmd(packed_shards, root, "--only", "baseline,nll", "--seeds", "0,1",
-                         "--parallel", "2"), timeout=600))
-    assert "wrote" in p.stdout and (root / "logs" / "table1-nll-seed1.log").is_file()
+    assert table1.main(sweep_args(packed_shards, root, "--only", "baseline,nll", "--seeds", "0,1",
+                                  "--parallel", "2")) == 0
+    assert (root / "table1.md").is_file() and (root / "logs" / "table1-nll-seed1.log").is_file()
     return root
 
 
+@pytest.mark.slow
 def test_rows_carry_mean_std_ci_over_seeds_equal_to_the_runs_reports(sweep):
     summary = json.loads((sweep / "table1.json").read_text())
     rows = {r["key"]: r for r in summary["rows"]}
@@ -67,6 +67,7 @@ def test_rows_carry_mean_std_ci_over_seeds_equal_to_the_runs_reports(sweep):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_paired_comparison_from_the_runs_predictions(sweep):
     summary = json.loads((sweep / "table1.json").read_text())
     (step,) = [c for c in summary["comparisons"] if c["to"] == "ResNet-50 + NLL"]
@@ -90,25 +91,32 @@ def test_paired_comparison_from_the_runs_predictions(sweep):
     assert same["ci95"][0] <= 0 <= same["ci95"][1] and same["mean_diff"] == 0
 
 
-def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(sweep, packed_shards, tmp_path):
+@pytest.mark.slow
+def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(sweep, packed_shards, tmp_path,
+                                                                 capfd):
+    from asc_dist import train
+
     root = tmp_path / "runs"
     shutil.copytree(sweep, root)
     finished = root / "table1-nll-seed0" / "checkpoints" / "step_2.pt"
     before = finished.stat().st_mtime_ns
     # seed 2 of the NLL row stopped after one step (its last checkpoint is step 1)
-    (interrupted,) = [line.split("\t") for line in run(
-        [sys.executable, "-m", "asc_dist.table1", "plan", "--only", "nll", "--seeds", "2",
-         "--runs-root", str(root), "--shards", str(packed_shards), *SMOKE]).stdout.splitlines()]
-    ok(run([sys.executable, "-m", "asc_dist.train", *interrupted[2:], "train.max_iters=1"]))
-    p = ok(run(sweep_cmd(packed_shards, root, "--only", "nll", "--seeds", "0,1,2")))
-    assert "skipping 2 finished run(s): table1-nll-seed0, table1-nll-seed1" in p.stdout
-    assert "resumed from" in p.stdout and "at step 1" in p.stdout
+    assert table1.main(["plan", "--only", "nll", "--seeds", "2", "--runs-root", str(root),
+                        "--shards", str(packed_shards), *SMOKE]) == 0
+    (interrupted,) = [line.split("\t") for line in capfd.readouterr().out.splitlines()]
+    assert train.main([*interrupted[2:], "train.max_iters=1"]) == 0
+    capfd.readouterr()
+    assert table1.main(sweep_args(packed_shards, root, "--only", "nll", "--seeds", "0,1,2")) == 0
+    err = capfd.readouterr().err  # this process's log and the training's (a child process)
+    assert "skipping 2 finished run(s): table1-nll-seed0, table1-nll-seed1" in err
+    assert "resumed from" in err and "at step 1" in err
     assert finished.stat().st_mtime_ns == before
     summary = json.loads((root / "table1.json").read_text())
     nll = next(r for r in summary["rows"] if r["key"] == "nll")
     assert [s["seed"] for s in nll["seeds"]] == [0, 1, 2] and all(s["problem"] is None for s in nll["seeds"])
 
 
+@pytest.mark.slow
 def test_collect_marks_unfinished_and_mismatched_runs(sweep, tmp_path, capsys):
     unfinished = tmp_path / "table1-nll-seed0"
     shutil.copytree(sweep / "table1-nll-seed0", unfinished)
@@ -172,14 +180,15 @@ def test_faithful_comparison_rows():
     assert table1.row_of(config.to_dict(se)) == "seresnet" and table1.row_of(config.to_dict(base)) == "baseline"
 
 
-def test_launch_script_help_and_bad_subcommand():
+def test_launch_script_help_and_bad_subcommand(cli):
     p = subprocess.run(["bash", "launch/table1.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
                        check=False)
     assert p.returncode == 0 and "--seeds" in p.stdout and "--synthetic" in p.stdout
-    p = run([sys.executable, "-m", "asc_dist.table1", "bogus"])
+    p = cli(table1.main, ["bogus"])
     assert p.returncode == 2 and "usage" in p.stderr
 
 
+@pytest.mark.slow
 def test_exported_baseline_cnn_round_trips(sweep, tmp_path):
     # The Table I baseline is a different architecture: it must export as well as the ResNets.
     from asc_dist import export

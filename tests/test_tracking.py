@@ -176,7 +176,7 @@ def test_progress_windows_print_every_n_and_aggregate(capsys, monkeypatch):
     # 4 steps of 0.5 s (0.1 s of it waiting) per window; the paused 30 s does not count
     assert windows[0] == pytest.approx(
         {"loss": 96.0, "lr": 1e-3, "clips_per_s": 128.0, "data_wait_frac": 0.2, "step_time": 0.5})
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("step  96/100 | loss 96.0000 | lr 1.00e-03 | 128.0 clips/s")
     assert "data wait 20.0%" in lines[0] and lines[0].endswith("eta 0:00:02")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import sys
 import time
 from functools import partial
@@ -18,6 +19,8 @@ import torch
 
 from asc_dist import atomic
 from asc_dist.bench import machine, with_values
+
+log = logging.getLogger(__name__)
 
 
 def _sync(device: torch.device) -> None:
@@ -130,7 +133,7 @@ def run(args) -> int:
     for name in ("dali", "torch"):
         if name in wanted:
             if name == "dali" and not dali_available():
-                print("dali: not importable here, skipped", file=sys.stderr)
+                log.warning("dali: not importable here, skipped")
                 continue
             candidates.append((name, torch.device("cpu")))
             if torch.cuda.is_available() and not args.cpu_only:

@@ -19,6 +19,7 @@ It makes its own synthetic data, needs no network and changes no environment. ``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -34,6 +35,8 @@ from asc_dist import atomic, torchrun
 from asc_dist.bench import machine
 from asc_dist.bench.throughput import throughput, train_args
 from asc_dist.data import dali_available
+
+log = logging.getLogger(__name__)
 
 PAPER_FEATURES = ["features.clip_seconds=10.0", "features.frames=320"]
 QUICK_FEATURES = ["features.sample_rate=16000", "features.n_fft=512", "features.win_length=512",
@@ -55,7 +58,7 @@ class Check:
 
     def step(self, name: str, fn) -> None:
         t0 = time.perf_counter()
-        print(f"[gpu_check] {name} ...", flush=True)
+        log.info(f"[gpu_check] {name} ...")
         try:
             rec = {"status": "ok", **(fn() or {})}
         except Skip as e:
@@ -65,8 +68,8 @@ class Check:
                    "traceback": traceback.format_exc()[-4000:]}
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         self.results["steps"][name] = rec
-        print(f"[gpu_check] {name}: {rec['status']} ({rec['seconds']} s)"
-              + (f": {rec['why']}" if "why" in rec else ""), flush=True)
+        log.info(f"[gpu_check] {name}: {rec['status']} ({rec['seconds']} s)"
+                 + (f": {rec['why']}" if "why" in rec else ""))
         self.write()
 
     def write(self) -> None:
@@ -171,9 +174,10 @@ def stop_resume(ck: Check, shards: Path) -> dict:
     if p.wait() != 3:
         raise RuntimeError(f"stopped run exited {p.returncode}, expected 3:\n{''.join(log)[-2000:]}")
     stopped = int(re.search(r"checkpointed at step (\d+)", "".join(log)).group(1))
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=600)
     if again.returncode != 0 or f"at step {stopped}" not in again.stdout:
-        raise RuntimeError(f"resume failed (exit {again.returncode}):\n{again.stdout[-2000:]}{again.stderr[-2000:]}")
+        raise RuntimeError(f"resume failed (exit {again.returncode}):\n{again.stdout[-4000:]}")
     acc = re.search(r"class-wise accuracy: ([\d.]+)", again.stdout)
     return {"precision": "bf16" if ck.device.type == "cuda" else "fp32 (CPU)",
             "stopped_at": stopped, "finished_at": steps, "run_dir": str(run_dir),
@@ -252,7 +256,7 @@ def run(args) -> int:
     ck = Check(out, device, args.quick)
     t0 = time.perf_counter()
     if not dali_available():
-        print("[gpu_check] NVIDIA DALI is not importable here: its steps are skipped", flush=True)
+        log.warning("[gpu_check] NVIDIA DALI is not importable here: its steps are skipped")
     if not args.skip_tests:
         ck.step("gpu tests", lambda: gpu_tests(ck))
     shards = {}
@@ -267,9 +271,9 @@ def run(args) -> int:
     ck.write()
     print(summary(ck.results))
     failed = [k for k, v in ck.results["steps"].items() if v["status"] == "failed"]
-    print(f"[gpu_check] {len(ck.results['steps'])} steps in {ck.results['seconds']} s"
-          + (f"; FAILED: {', '.join(failed)}" if failed else "; none failed")
-          + f"; wrote {out / 'results.json'} and {out / 'summary.md'}", flush=True)
+    log.info(f"[gpu_check] {len(ck.results['steps'])} steps in {ck.results['seconds']} s"
+             + (f"; FAILED: {', '.join(failed)}" if failed else "; none failed")
+             + f"; wrote {out / 'results.json'} and {out / 'summary.md'}")
     return 1 if failed else 0
 
 

@@ -19,8 +19,8 @@ may use (its affinity, which SLURM and taskset set) shared among the node's rank
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,8 @@ import torch
 
 from asc_dist.data.manifest import DataError, SplitIndex, load_split
 from asc_dist.data.sharding import eval_steps, train_steps
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Batch", "BatchSource", "DataError", "build_source", "dali_available", "resolve_backend"]
 
@@ -141,8 +143,8 @@ def resolve_backend(name: str, *, announce: bool = True) -> str:
             return "dali"
         if announce and not _dali_state.get("announced"):
             _dali_state["announced"] = True
-            print(f"data.backend=auto: DALI unavailable ({_dali_state['why']}); using the torch "
-                  "backend (soundfile + torchaudio in DataLoader workers)", file=sys.stderr, flush=True)
+            log.info(f"data.backend=auto: DALI unavailable ({_dali_state['why']}); using the torch "
+                     "backend (soundfile + torchaudio in DataLoader workers)")
         return "torch"
     raise ValueError(f"data.backend={name!r}: must be dali, torch or auto")
 
@@ -174,8 +176,7 @@ def build_source(cfg: Any, split: str, *, train: bool, rank: int, world_size: in
             stream = Stream(cfg, split, **{**kw, "train": False}, index=index)
             return CachedSource(cfg, split, stream=stream, **kw)
         if rank == 0:
-            print(f"data.cache=auto: the features of split '{split}' take {need / 2**30:.2f} GiB, "
-                  f"more than data.cache_max_gb={cfg.data.cache_max_gb:g}: streaming them",
-                  file=sys.stderr, flush=True)
+            log.info(f"data.cache=auto: the features of split '{split}' take {need / 2**30:.2f} "
+                     f"GiB, more than data.cache_max_gb={cfg.data.cache_max_gb:g}: streaming them")
         return Stream(cfg, split, **kw, index=index)
     return Stream(cfg, split, **kw)

@@ -24,6 +24,7 @@ computed by the same code, alone or in the same batch layout).
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from asc_dist.data import Batch, BatchSource
 from asc_dist.data.manifest import manifest_digest
 from asc_dist.data.sharding import eval_plan, global_plan
 from asc_dist.frontend import settings, settings_hash
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 
@@ -82,11 +85,10 @@ def load_table(path: Path, cfg: Any, digest: str, device: torch.device) -> Featu
               and len(d["keys"]) == d["features"].shape[0] == d["labels"].shape[0]
               and d["checksum"] == _checksum(d["features"]))
     except Exception as e:  # noqa: BLE001 - any damage means: rebuild
-        print(f"feature cache {path} is unreadable ({type(e).__name__}); rebuilding it",
-              file=sys.stderr, flush=True)
+        log.warning("feature cache %s is unreadable (%s); rebuilding it", path, type(e).__name__)
         return None
     if not ok:
-        print(f"feature cache {path} is stale or damaged; rebuilding it", file=sys.stderr, flush=True)
+        log.warning("feature cache %s is stale or damaged; rebuilding it", path)
         return None
     return FeatureTable(d["features"].to(device), d["labels"].to(device), list(d["keys"]))
 
@@ -100,8 +102,7 @@ def save_table(path: Path, table: FeatureTable, cfg: Any, digest: str, backend: 
         with atomic.writing(path, what="feature cache", need_bytes=table.nbytes) as f:
             torch.save(state, f)
     except (OSError, NoSpaceError) as e:  # read-only or full dataset storage: this run still has it
-        print(f"warning: cannot persist the feature cache at {path} ({e}); it is rebuilt next run",
-              file=sys.stderr, flush=True)
+        log.warning("cannot persist the feature cache at %s (%s); it is rebuilt next run", path, e)
 
 
 def build_table(stream: BatchSource, progress: bool) -> FeatureTable:

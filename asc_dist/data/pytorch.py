@@ -125,10 +125,13 @@ class TorchSource(BatchSource):
         steps = self.plan(epoch)[start_step:]
         if not steps:
             return
+        # Its own generator: a DataLoader draws its workers' base seed from the global RNG, which
+        # also drives dropout, so a loader started at a resume would shift the model's draws.
         loader = DataLoader(
             self.dataset, batch_sampler=steps, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.cuda, worker_init_fn=_worker_init if self.workers else None,
             prefetch_factor=self.prefetch if self.workers else None,
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
         )
         it = iter(loader)
         self._loaders.append(it)

@@ -9,6 +9,7 @@ is ever read: test statistics would leak into the model's input.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from asc_dist.atomic import NoSpaceError
 from asc_dist.data import build_source
 from asc_dist.data.manifest import manifest_digest, require_split
 from asc_dist.frontend import settings, settings_hash
+
+log = logging.getLogger(__name__)
 
 STATS_VERSION = 1
 
@@ -106,10 +109,8 @@ def load_or_compute_stats(cfg: Any, *, device: torch.device | None = None, progr
         atomic.write_text(path, json.dumps(record, indent=1))
     except (OSError, NoSpaceError) as e:  # read-only or full dataset storage: the run still has
         # them (and its checkpoints keep them)
-        print(f"warning: cannot cache feature statistics at {path} ({e}); computed again next run",
-              file=sys.stderr, flush=True)
+        log.warning("cannot cache feature statistics at %s (%s); computed again next run", path, e)
         return mean, std
     if progress:
-        print(f"feature statistics: {path} ({count} frames, {time.perf_counter() - t0:.1f} s)",
-              flush=True)
+        log.info(f"feature statistics: {path} ({count} frames, {time.perf_counter() - t0:.1f} s)")
     return mean, std

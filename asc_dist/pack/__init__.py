@@ -1,7 +1,9 @@
 """Pack an audio dataset folder into WebDataset tar shards with DALI index files.
 
-``python -m asc_dist.pack DATASET_DIR OUT_DIR`` (asc_dist.pack.cli) reads a TUT 2018 / TAU
-2019-2020 layout or a plain CSV (layouts.py) and writes, per split, ``OUT_DIR/<split>/``::
+``python -m asc_dist.pack DATASET OUT_DIR`` (asc_dist.pack.cli) reads a TUT 2018 / TAU
+2019-2020 layout or a plain CSV (layouts.py), from the unpacked folder or straight from the
+dataset's zip parts (zips.py: nothing extracted, the same shards), and writes, per split,
+``OUT_DIR/<split>/``::
 
     <split>-000000.tar   GNU tar; per sample <key>.wav, <key>.cls, <key>.i32, <key>.json (writer.py)
     <split>-000000.idx   DALI index (the format of DALI's wds2idx)
@@ -28,11 +30,13 @@ refused unless ``overwrite``, which replaces it atomically per split.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,9 +46,11 @@ from tqdm import tqdm
 
 from asc_dist import atomic, audio
 from asc_dist.errors import PackError
-from asc_dist.pack import manifest
+from asc_dist.pack import manifest, zips
 from asc_dist.pack.layouts import Entry, SplitPlan, check_lists, parse_classes, plan_splits
 from asc_dist.pack.writer import ShardWriter
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PackError", "PackOptions", "pack"]
 
@@ -85,13 +91,23 @@ class PackOptions:
                             f"({sorted(sf.available_subtypes('WAV'))})")
 
 
-def _convert(task: tuple[int, str, PackOptions]) -> tuple[int, bytes | None, dict | None, str | None]:
-    """Worker: (index, path, options) -> (index, stored WAV bytes, what was stored, problem)."""
-    i, path, o = task
+def _read(src: Path | zips.Member, o: PackOptions) -> tuple:
+    """A clip's checked samples, rate, format and size, from its file or its zip member."""
+    checks = {"expect_sample_rate": o.expect_sample_rate, "expect_duration": o.expect_duration,
+              "duration_tolerance": o.duration_tolerance}
+    if isinstance(src, zips.Member):
+        data = zips.read_member(src)
+        return *audio.read_checked(data, name=src.name, **checks), len(data)
+    return *audio.read_checked(Path(src), **checks), os.path.getsize(src)
+
+
+def _convert(task: tuple[int, Path | zips.Member, PackOptions],
+             ) -> tuple[int, bytes | None, dict | None, str | None]:
+    """Worker: (index, file or zip member, options) -> (index, stored WAV bytes, what was stored,
+    problem)."""
+    i, src, o = task
     try:
-        x, sr, info = audio.read_checked(Path(path), expect_sample_rate=o.expect_sample_rate,
-                                         expect_duration=o.expect_duration,
-                                         duration_tolerance=o.duration_tolerance)
+        x, sr, info, size = _read(src, o)
         y = audio.convert(x, sr, o.sample_rate, o.keep_channels)
         wav = audio.encode_wav(y, o.sample_rate, o.subtype)
     except ValueError as e:
@@ -99,7 +115,7 @@ def _convert(task: tuple[int, str, PackOptions]) -> tuple[int, bytes | None, dic
     except Exception as e:  # noqa: BLE001 - any decoder crash is a problem with this file
         return i, None, None, f"{type(e).__name__}: {e}"
     stored = {"frames": int(y.shape[0]), "channels": int(y.shape[1]), "source": info,
-              "source_bytes": os.path.getsize(path)}
+              "source_bytes": size}
     return i, wav, stored, None
 
 
@@ -112,7 +128,9 @@ def _shuffled(entries: list[Entry], seed: int, split: str) -> list[Entry]:
 def _problem(o: PackOptions, e: Entry, problem: str, skipped: list[dict]) -> None:
     if o.on_error == "fail":
         raise PackError(f"{e.filename}: {problem} ({e.path}, listed at {e.where})")
-    skipped.append({"file": e.filename, "reason": problem})
+    # A zip member's name alone does not say which of the zips to check or download again.
+    where = f" ({e.path})" if isinstance(e.path, zips.Member) else ""
+    skipped.append({"file": e.filename, "reason": problem + where})
 
 
 def _write_split(sp: SplitPlan, staged: Path, classes: list[str], meta: dict[str, dict],
@@ -125,7 +143,7 @@ def _write_split(sp: SplitPlan, staged: Path, classes: list[str], meta: dict[str
             todo.append(e)
         else:
             _problem(o, e, "missing file", skipped)
-    tasks = [(i, str(e.path), o) for i, e in enumerate(todo)]
+    tasks = [(i, e.path, o) for i, e in enumerate(todo)]
     results = pool.imap(_convert, tasks, chunksize=2) if pool else map(_convert, tasks)
     writer = ShardWriter(staged, sp.name, int(o.shard_size_mb * 2**20), o.shard_max_samples)
     records: list[dict] = []
@@ -161,17 +179,20 @@ def _write_split(sp: SplitPlan, staged: Path, classes: list[str], meta: dict[str
     return m, totals
 
 
-def pack(dataset_dir: str | Path, out_dir: str | Path, options: PackOptions | None = None,
-         **kw) -> dict[str, dict]:
+def pack(dataset_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
+         options: PackOptions | None = None, **kw) -> dict[str, dict]:
     """Pack ``dataset_dir`` into ``out_dir/<split>/`` shards; return {split: manifest}.
+
+    ``dataset_dir``: the dataset folder, a folder holding one dataset's zip parts, or the zip
+    files (a list); zips are read in place (asc_dist.pack.zips).
 
     Options come as a :class:`PackOptions` and/or its fields as keywords.
     """
     o = replace(options or PackOptions(), **kw)
     o.check()
     t0 = time.perf_counter()
-    dataset, out = Path(dataset_dir).resolve(), Path(out_dir).resolve()
-    layout, splits, meta = plan_splits(dataset, o.layout, o.fold, o.csv_path, o.split)
+    source, out = zips.open_source(dataset_dir), Path(out_dir).resolve()
+    layout, splits, meta = plan_splits(source, o.layout, o.fold, o.csv_path, o.split)
     classes = parse_classes(o.classes)
     if classes is None:
         # meta.csv is the dataset's own label set: a fold-file label outside it is an error.
@@ -191,7 +212,7 @@ def pack(dataset_dir: str | Path, out_dir: str | Path, options: PackOptions | No
     workers = o.workers or os.cpu_count() or 1
     settings = {
         "layout": layout, "fold": o.fold, "seed": o.seed, "shard_size_mb": o.shard_size_mb,
-        "shard_max_samples": o.shard_max_samples, "source": str(dataset),
+        "shard_max_samples": o.shard_max_samples, "source": source.root,
         "sample_rate": o.sample_rate, "keep_channels": o.keep_channels, "subtype": o.subtype,
         "on_error": o.on_error, "resampler": audio.RESAMPLER,
         "csv": str(o.csv_path) if o.csv_path else None,
@@ -212,6 +233,7 @@ def pack(dataset_dir: str | Path, out_dir: str | Path, options: PackOptions | No
         if pool is not None:
             pool.terminate()
             pool.join()
+        zips.close_cached()  # the zips workers=1 decoded from in this process
     if o.verbose:
         _summary(manifests, totals, out, time.perf_counter() - t0, workers)
     return manifests
@@ -220,9 +242,9 @@ def pack(dataset_dir: str | Path, out_dir: str | Path, options: PackOptions | No
 def _summary(manifests: dict[str, dict], totals: dict, out: Path, dt: float, workers: int) -> None:
     for name, m in manifests.items():
         for s in m["skipped"]:
-            print(f"skipped {s['file']}: {s['reason']}", file=sys.stderr)
-        print(f"{name}: {m['num_samples']} samples in {len(m['shards'])} shards -> {out / name}"
-              + (f" ({len(m['skipped'])} skipped)" if m["skipped"] else ""))
-    print(f"packed {totals['clips']} clips in {dt:.1f} s: {totals['clips'] / dt:.1f} clips/s, "
-          f"{totals['source_bytes'] / dt / 1e6:.1f} MB/s read, "
-          f"{totals['out_bytes'] / dt / 1e6:.1f} MB/s written (workers={workers})")
+            log.warning(f"skipped {s['file']}: {s['reason']}")
+        log.info(f"{name}: {m['num_samples']} samples in {len(m['shards'])} shards -> {out / name}"
+                 + (f" ({len(m['skipped'])} skipped)" if m["skipped"] else ""))
+    log.info(f"packed {totals['clips']} clips in {dt:.1f} s: {totals['clips'] / dt:.1f} clips/s, "
+             f"{totals['source_bytes'] / dt / 1e6:.1f} MB/s read, "
+             f"{totals['out_bytes'] / dt / 1e6:.1f} MB/s written (workers={workers})")

@@ -1,4 +1,8 @@
-"""``python -m asc_dist.pack DATASET_DIR OUT_DIR [options]``: the packer's command line."""
+"""``python -m asc_dist.pack DATASET [DATASET ...] OUT_DIR [options]``: the packer's command line.
+
+DATASET is the dataset folder, a folder holding one dataset's zip parts, or the zip files
+themselves (asc_dist.pack.zips reads them in place).
+"""
 
 from __future__ import annotations
 
@@ -18,19 +22,25 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m asc_dist.pack",
         description=(
             "Pack an audio dataset (TUT 2018 / TAU 2019-2020 layout, or a CSV list) into "
-            "WebDataset tar shards with DALI index files and a manifest per split. Existing "
+            "WebDataset tar shards with DALI index files and a manifest per split. Zip parts (as "
+            "DCASE ships them) are read in place, with nothing extracted, and give the same "
+            "shards as their unpacked folder. Existing "
             "output splits are refused unless --overwrite is given; with --overwrite each split is "
             "replaced atomically only after all splits were written (a failed run changes nothing)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ap.add_argument("dataset_dir", help="dataset folder (e.g. TUT-urban-acoustic-scenes-2018-development)")
-    ap.add_argument("out_dir", help="output root; splits go to OUT_DIR/<split>/")
+    ap.add_argument("dataset", nargs="+", metavar="DATASET",
+                    help="the dataset folder (e.g. TUT-urban-acoustic-scenes-2018-development), a "
+                    "folder holding one dataset's zip parts, or the zip files themselves (e.g. "
+                    "TUT-urban-acoustic-scenes-2018-development.*.zip)")
+    ap.add_argument("out_dir", metavar="OUT_DIR", help="output root; splits go to OUT_DIR/<split>/")
     ap.add_argument("--layout", choices=LAYOUTS, default=d.layout,
                     help="tut2018: fold<k>_train/evaluate.txt (no fold files -> unlabelled 'eval' split); "
                     "tau2019: fold<k>_*.csv with header; csv: filename,label list")
     ap.add_argument("--fold", type=int, default=d.fold)
-    ap.add_argument("--csv", dest="csv_path", help="CSV list for --layout csv (default: the one *.csv in DATASET_DIR)")
+    ap.add_argument("--csv", dest="csv_path", help="CSV list for --layout csv (default: the one *.csv in DATASET; with zips also a "
+                    "path inside them)")
     ap.add_argument("--split", help="split name for csv / unlabelled folders (default train / eval)")
     ap.add_argument("--splits", help="comma list: pack only these splits (e.g. one per array task); "
                     "default all")
@@ -50,16 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace existing output splits (atomically)")
     ap.add_argument("--no-progress", action="store_true")
     a = vars(ap.parse_args(argv))
-    dataset, out = a.pop("dataset_dir"), a.pop("out_dir")
+    dataset, out = a.pop("dataset"), a.pop("out_dir")
     splits, no_progress = a.pop("splits"), a.pop("no_progress")
     audio.tune_malloc()
     pack(dataset, out, PackOptions(**a, only=tuple(splits.split(",")) if splits else None,
                                    progress=not no_progress))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 if __name__ == "__main__":

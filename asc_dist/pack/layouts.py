@@ -6,6 +6,10 @@
 * ``tau2019``: TAU 2019/2020 (the same with ``.csv`` fold files that have a header row).
 * ``csv``: one list with a header naming ``filename`` and optionally ``scene_label``/``label``.
 
+The dataset's files are read through a :class:`DatasetSource`, by their path relative to the
+dataset's top folder: an unpacked folder (:class:`FolderSource`) or the zip parts a dataset ships
+as (asc_dist.pack.zips.ZipSource), so both are planned and checked by the same code.
+
 Every problem names the list file and line.
 """
 
@@ -16,10 +20,14 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from asc_dist.audio import AUDIO_EXTS
 from asc_dist.errors import PackError
+
+if TYPE_CHECKING:
+    from asc_dist.pack.zips import Member
 
 LAYOUTS = ("auto", "tut2018", "tau2019", "csv")
 # <scene>-<city>-<location>-<segment>-<device>, e.g. airport-barcelona-0-0-a, tram-vienna-3-17-s2
@@ -27,11 +35,12 @@ TUT_NAME = re.compile(
     r"^(?P<scene>[a-z_]+)-(?P<city>[a-z]+)-(?P<loc>\d+)-(?P<seg>\d+)-(?P<device>[a-z0-9]+)$"
 )
 META_HEADER = ["filename", "scene_label", "identifier", "source_label"]
+SETUP = "evaluation_setup"
 
 @dataclass
 class Entry:
     filename: str  # as listed, relative to the dataset dir (e.g. audio/airport-barcelona-0-0-a.wav)
-    path: Path
+    path: Path | Member  # where its bytes are: a file, or a member of one of the zips
     label: str | None
     where: str  # "<list file>:<line>" for error messages
 
@@ -43,27 +52,112 @@ class SplitPlan:
     labelled: bool
 
 
+class DatasetSource:
+    """A dataset's files, by POSIX path relative to its top folder ("" is the top folder).
+
+    Subclasses answer ``is_file``, ``is_dir``, ``read_bytes``, ``list``, ``glob``, ``locate`` and
+    ``ref``; the layouts touch nothing else, so a folder and a set of zips are read alike.
+    """
+
+    root: str  # what was given (the folder, or the zips): messages and the manifest's settings
+
+    def is_file(self, rel: str) -> bool:
+        raise NotImplementedError
+
+    def is_dir(self, rel: str) -> bool:
+        raise NotImplementedError
+
+    def exists(self, rel: str) -> bool:
+        return self.is_file(rel) or self.is_dir(rel)
+
+    def read_bytes(self, rel: str) -> bytes:
+        raise NotImplementedError
+
+    def open_text(self, rel: str) -> io.TextIOBase:
+        # Universal newlines, as Path.read_text: a list with \r\n line ends reads like one with \n.
+        return io.TextIOWrapper(io.BytesIO(self.read_bytes(rel)), encoding="utf-8-sig")
+
+    def read_text(self, rel: str) -> str:
+        with self.open_text(rel) as f:
+            return f.read()
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every file under ``prefix`` (all levels), sorted."""
+        raise NotImplementedError
+
+    def glob(self, folder: str, pattern: str) -> list[str]:
+        """The entries of ``folder`` (one level) whose name matches ``pattern``, sorted."""
+        raise NotImplementedError
+
+    def locate(self, rel: str) -> str:
+        """Where ``rel`` is, for messages."""
+        raise NotImplementedError
+
+    def ref(self, rel: str) -> Path | Member:
+        """What a decode worker is handed to read ``rel`` (picklable; ``.is_file()``)."""
+        raise NotImplementedError
 
 
-def _read_rows(path: Path, delimiter: str) -> list[tuple[int, list[str]]]:
+class FolderSource(DatasetSource):
+    """An unpacked dataset folder; paths and messages are the files' own."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.root = str(self.folder)
+
+    def is_file(self, rel: str) -> bool:
+        return (self.folder / rel).is_file()
+
+    def is_dir(self, rel: str) -> bool:
+        return (self.folder / rel).is_dir()
+
+    def read_bytes(self, rel: str) -> bytes:
+        return (self.folder / rel).read_bytes()
+
+    def open_text(self, rel: str) -> io.TextIOBase:
+        return open(self.folder / rel, encoding="utf-8-sig")
+
+    def list(self, prefix: str = "") -> list[str]:
+        files = sorted(p for p in (self.folder / prefix).rglob("*") if p.is_file())
+        return [p.relative_to(self.folder).as_posix() for p in files]
+
+    def glob(self, folder: str, pattern: str) -> list[str]:
+        return sorted(p.relative_to(self.folder).as_posix() for p in (self.folder / folder).glob(pattern))
+
+    def locate(self, rel: str) -> str:
+        return str(self.folder / rel)
+
+    def ref(self, rel: str) -> Path:
+        return self.folder / rel
+
+
+def as_source(dataset: str | Path | DatasetSource) -> DatasetSource:
+    return dataset if isinstance(dataset, DatasetSource) else FolderSource(Path(dataset))
+
+
+def _read_rows(src: DatasetSource, rel: str, delimiter: str | None) -> tuple[str, list[tuple[int, list[str]]]]:
+    """(where the list is, its non-empty rows with line numbers); ``None``: tab if the first
+    line has one, else comma."""
+    where = src.locate(rel)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = src.read_text(rel)
     except (OSError, UnicodeDecodeError) as e:
-        raise PackError(f"{path}: cannot read: {e}") from None
+        raise PackError(f"{where}: cannot read: {e}") from None
+    if delimiter is None:
+        delimiter = "\t" if "\t" in text.split("\n", 1)[0] else ","
     rows = []
     for lineno, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), 1):
         row = [c.strip() for c in row]
         if any(row):
             rows.append((lineno, row))
-    return rows
+    return where, rows
 
 
-def _read_meta(dataset: Path) -> dict[str, dict]:
+def _read_meta(src: DatasetSource) -> dict[str, dict]:
     """meta.csv (TUT/TAU): filename -> {scene_label, identifier, source_label} (missing -> {})."""
-    path = dataset / "meta.csv"
-    if not path.is_file():
+    if not src.is_file("meta.csv"):
         return {}
-    rows = _read_rows(path, "\t")
+    path, rows = _read_rows(src, "meta.csv", "\t")
     if not rows:
         return {}
     header = rows[0][1]
@@ -81,23 +175,23 @@ def _read_meta(dataset: Path) -> dict[str, dict]:
     return meta
 
 
-def _read_fold_txt(path: Path, dataset: Path, labelled: bool) -> list[Entry]:
+def _read_fold_txt(src: DatasetSource, rel: str, labelled: bool) -> list[Entry]:
     """TUT 2018 fold list: ``file<TAB>label`` (or ``file``), no header."""
+    path, rows = _read_rows(src, rel, "\t")
     entries = []
-    for lineno, row in _read_rows(path, "\t"):
+    for lineno, row in rows:
         where = f"{path}:{lineno}"
         if labelled and (len(row) < 2 or not row[1]):
             raise PackError(f"{where}: expected 'filename<TAB>label', got {row}")
-        entries.append(Entry(row[0], dataset / row[0], row[1] if labelled else None, where))
+        entries.append(Entry(row[0], src.ref(row[0]), row[1] if labelled else None, where))
     return entries
 
 
-def _read_table(path: Path, dataset: Path, delimiter: str | None = None) -> tuple[list[Entry], bool]:
-    """A list with a header row naming 'filename' and optionally 'scene_label' or 'label'."""
-    if delimiter is None:
-        first = path.read_text(encoding="utf-8-sig").split("\n", 1)[0]
-        delimiter = "\t" if "\t" in first else ","
-    rows = _read_rows(path, delimiter)
+def _read_table(lists: DatasetSource, rel: str, data: DatasetSource,
+                delimiter: str | None = None) -> tuple[list[Entry], bool]:
+    """A list (in ``lists``) with a header row naming 'filename' and optionally 'scene_label' or
+    'label'; the files it names are in ``data``."""
+    path, rows = _read_rows(lists, rel, delimiter)
     if not rows:
         raise PackError(f"{path}: empty list file")
     header = [h.lower() for h in rows[0][1]]
@@ -115,81 +209,95 @@ def _read_table(path: Path, dataset: Path, delimiter: str | None = None) -> tupl
             if len(row) <= li or not row[li]:
                 raise PackError(f"{where}: missing label for {row[fi]}")
             label = row[li]
-        entries.append(Entry(row[fi], dataset / row[fi], label, where))
+        entries.append(Entry(row[fi], data.ref(row[fi]), label, where))
     return entries, li is not None
 
 
-def _audio_folder(dataset: Path) -> list[Entry]:
+def _audio_folder(src: DatasetSource) -> list[Entry]:
     """Every audio file under audio/ (or the dataset root): the unlabelled 'eval' split."""
-    root = dataset / "audio" if (dataset / "audio").is_dir() else dataset
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTS and p.is_file())
+    root = "audio" if src.is_dir("audio") else ""
+    files = [f for f in src.list(root) if PurePosixPath(f).suffix.lower() in AUDIO_EXTS]
     if not files:
-        raise PackError(f"{dataset}: no fold files and no audio files ({', '.join(AUDIO_EXTS)}) found")
-    return [Entry(p.relative_to(dataset).as_posix(), p, None, str(root)) for p in files]
+        raise PackError(f"{src.locate('')}: no fold files and no audio files ({', '.join(AUDIO_EXTS)}) found")
+    return [Entry(f, src.ref(f), None, src.locate(root)) for f in files]
 
 
-def detect_layout(dataset: Path, fold: int = 1) -> str:
-    es = dataset / "evaluation_setup"
-    if (es / f"fold{fold}_train.csv").is_file() or (es / f"fold{fold}_evaluate.csv").is_file():
+def _csv_lists(src: DatasetSource) -> list[str]:
+    return [f for f in src.glob("", "*.csv") if f != "meta.csv"]
+
+
+def detect_layout(dataset: Path | DatasetSource, fold: int = 1) -> str:
+    src = as_source(dataset)
+    if src.is_file(f"{SETUP}/fold{fold}_train.csv") or src.is_file(f"{SETUP}/fold{fold}_evaluate.csv"):
         return "tau2019"
-    if (es / f"fold{fold}_train.txt").is_file() or (dataset / "audio").is_dir():
+    if src.is_file(f"{SETUP}/fold{fold}_train.txt") or src.is_dir("audio"):
         return "tut2018"
-    if [p for p in dataset.glob("*.csv") if p.name != "meta.csv"]:
+    if _csv_lists(src):
         return "csv"
     raise PackError(
-        f"{dataset}: cannot detect the layout (no evaluation_setup/fold{fold}_*.txt|csv, no audio/, "
-        "no *.csv); pass --layout"
+        f"{src.locate('')}: cannot detect the layout (no evaluation_setup/fold{fold}_*.txt|csv, no "
+        "audio/, no *.csv); pass --layout"
     )
 
 
 def plan_splits(
-    dataset: Path,
+    dataset: Path | DatasetSource,
     layout: str = "auto",
     fold: int = 1,
     csv_path: str | Path | None = None,
     split: str | None = None,
 ) -> tuple[str, list[SplitPlan], dict[str, dict]]:
-    """Resolve the layout and list the splits to pack. Returns (layout, splits, meta.csv rows)."""
-    if not dataset.is_dir():
+    """Resolve the layout and list the splits to pack. Returns (layout, splits, meta.csv rows).
+
+    ``dataset``: a folder, or a :class:`DatasetSource` (asc_dist.pack.zips.open_source).
+    """
+    if not isinstance(dataset, DatasetSource) and not Path(dataset).is_dir():
         raise PackError(f"dataset folder not found: {dataset}")
+    src = as_source(dataset)
     if layout == "auto":
-        layout = detect_layout(dataset, fold)
-    meta = _read_meta(dataset) if layout in ("tut2018", "tau2019") else {}
-    es = dataset / "evaluation_setup"
+        layout = detect_layout(src, fold)
+    meta = _read_meta(src) if layout in ("tut2018", "tau2019") else {}
     if layout in ("tut2018", "tau2019"):
         ext = "txt" if layout == "tut2018" else "csv"
-        train_f, eval_f = es / f"fold{fold}_train.{ext}", es / f"fold{fold}_evaluate.{ext}"
-        if not train_f.is_file() and not eval_f.is_file():
-            others = sorted(p.name for p in es.glob(f"fold*_*.{ext}")) if es.is_dir() else []
+        train_f, eval_f = f"{SETUP}/fold{fold}_train.{ext}", f"{SETUP}/fold{fold}_evaluate.{ext}"
+        if not src.is_file(train_f) and not src.is_file(eval_f):
+            others = ([PurePosixPath(f).name for f in src.glob(SETUP, f"fold*_*.{ext}")]
+                      if src.is_dir(SETUP) else [])
             if others:
-                raise PackError(f"{es}: no fold{fold} files (found {', '.join(others)}); check --fold")
+                raise PackError(f"{src.locate(SETUP)}: no fold{fold} files (found {', '.join(others)}); "
+                                "check --fold")
             if layout == "tau2019":
-                raise PackError(f"{es}: fold{fold}_train.csv / fold{fold}_evaluate.csv not found")
-            return layout, [SplitPlan(split or "eval", _audio_folder(dataset), False)], meta
+                raise PackError(f"{src.locate(SETUP)}: fold{fold}_train.csv / fold{fold}_evaluate.csv "
+                                "not found")
+            return layout, [SplitPlan(split or "eval", _audio_folder(src), False)], meta
         for f in (train_f, eval_f):
-            if not f.is_file():
-                raise PackError(f"{f}: fold file not found")
+            if not src.is_file(f):
+                raise PackError(f"{src.locate(f)}: fold file not found")
         if layout == "tut2018":
-            tr, ev = _read_fold_txt(train_f, dataset, True), _read_fold_txt(eval_f, dataset, True)
+            tr, ev = _read_fold_txt(src, train_f, True), _read_fold_txt(src, eval_f, True)
         else:
-            (tr, tl), (ev, el) = _read_table(train_f, dataset, "\t"), _read_table(eval_f, dataset, "\t")
+            (tr, tl), (ev, el) = _read_table(src, train_f, src, "\t"), _read_table(src, eval_f, src, "\t")
             for f, lab in ((train_f, tl), (eval_f, el)):
                 if not lab:
-                    raise PackError(f"{f}:1: header has no 'scene_label' column")
+                    raise PackError(f"{src.locate(f)}:1: header has no 'scene_label' column")
         return layout, [SplitPlan("train", tr, True), SplitPlan("test", ev, True)], meta
     if layout == "csv":
         if csv_path is None:
-            found = sorted(p for p in dataset.glob("*.csv") if p.name != "meta.csv")
+            found = _csv_lists(src)
             if len(found) != 1:
                 raise PackError(
-                    f"{dataset}: expected exactly one *.csv list, found {[p.name for p in found]}; "
+                    f"{src.locate('')}: expected exactly one *.csv list, found {found}; "
                     "pass --csv PATH"
                 )
-            csv_path = found[0]
-        csv_path = Path(csv_path)
-        if not csv_path.is_file():
-            raise PackError(f"CSV list not found: {csv_path}")
-        entries, labelled = _read_table(csv_path, dataset)
+            lists, rel = src, found[0]
+        elif isinstance(src, FolderSource) or Path(csv_path).is_file():
+            p = Path(csv_path)
+            lists, rel = FolderSource(p.parent), p.name
+        else:  # not on disk: a list inside the zips, by its path in the dataset
+            lists, rel = src, PurePosixPath(csv_path).as_posix()
+        if not lists.is_file(rel):
+            raise PackError(f"CSV list not found: {lists.locate(rel)}")
+        entries, labelled = _read_table(lists, rel, src)
         return layout, [SplitPlan(split or "train", entries, labelled)], meta
     raise PackError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
 

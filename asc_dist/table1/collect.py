@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 from asc_dist import atomic
 from asc_dist.table1 import BY_KEY, COMPARISONS, ROWS, config_value, row_of
 from asc_dist.table1.stats import mean_ci, paired_bootstrap
+
+log = logging.getLogger(__name__)
 
 TUT2018_FOLD1_TEST = 2518
 # Every run of the sweep must read the same data; the ResNet rows (not the baseline, which has
@@ -42,7 +44,7 @@ def _wandb(run_dir: Path, cfg: dict) -> dict:
         try:  # mmap: only the pickle is read, not the weights
             out["id"] = torch.load(latest, map_location="cpu", weights_only=True, mmap=True).get("wandb_id")
         except Exception as e:  # noqa: BLE001 - a link is a nicety; latest() already vetted the file
-            print(f"warning: cannot read the W&B run id from {latest}: {e}", file=sys.stderr)
+            log.warning(f"cannot read the W&B run id from {latest}: {e}")
     entity = config_value(cfg, "wandb.entity") or os.environ.get("WANDB_ENTITY")
     if out["id"] and mode == "online" and entity:
         out["url"] = f"https://wandb.ai/{entity}/{out['project']}/runs/{out['id']}"
@@ -264,11 +266,11 @@ def collect_and_print(run_dirs: list[str | Path], out: str | Path) -> bool:
     text, summary = collect(run_dirs, out)
     print(text)
     out = Path(out)
-    print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+    log.info(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     missing = [f"{row['row']} seed {s['seed']}" for row in summary["rows"] for s in row["seeds"]
                if s["problem"] is not None]
     if missing:
-        print(f"incomplete runs: {', '.join(missing)}", file=sys.stderr)
+        log.warning(f"incomplete runs: {', '.join(missing)}")
     return not missing
 
 

@@ -12,9 +12,9 @@ scheduler (slurm/table1.sh) instead of running them.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,8 @@ from pathlib import Path
 from asc_dist import config as config_lib
 from asc_dist import torchrun
 from asc_dist.table1 import BY_KEY, ROWS, Row, run_name
+
+log = logging.getLogger(__name__)
 
 # CPU-sized sweep for synthetic data: the paper's front end on 2 s clips (as conf/demo.yaml), no
 # ImageNet weights, 100 iterations with the paper's 25 lr decays scaled down.
@@ -95,12 +97,12 @@ def _launch(job: Job, nproc: int, parallel: int) -> subprocess.Popen:
     env = dict(os.environ)
     if parallel > 1:  # K trainings share the CPUs: each gets its part, and its own log file
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (parallel * nproc))))
-        log = job.run_dir.parent / "logs" / f"{job.name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        out = open(log, "a")  # noqa: SIM115 - the child owns it; closed when it is reaped
-        print(f"[table1] {job.name}: started, log {log}", flush=True)
+        log_file = job.run_dir.parent / "logs" / f"{job.name}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_file, "a")  # noqa: SIM115 - the child owns it; closed when it is reaped
+        log.info(f"[table1] {job.name}: started, log {log_file}")
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    print(f"[table1] {job.name}: {' '.join(cmd)}", flush=True)
+    log.info(f"[table1] {job.name}: {' '.join(cmd)}")
     return subprocess.Popen(cmd, env=env)
 
 
@@ -124,11 +126,11 @@ def train_all(todo: list[Job], nproc: int, parallel: int) -> int:
                 p.stdout.close()
             if p.returncode != 0:
                 # 3: stopped by a signal with a checkpoint written; rerunning the sweep resumes it.
-                print(f"[table1] {job.name} exited with {p.returncode}; no new trainings start "
-                      f"(rerun the sweep to continue)", file=sys.stderr, flush=True)
+                log.error(f"[table1] {job.name} exited with {p.returncode}; no new trainings "
+                          f"start (rerun the sweep to continue)")
                 status = status or p.returncode
             else:
-                print(f"[table1] {job.name}: finished", flush=True)
+                log.info(f"[table1] {job.name}: finished")
     return status
 
 
@@ -194,10 +196,10 @@ def main(argv: list[str]) -> int:
         make_synthetic(Path(args.shards), Path(args.synthetic_data))
     done = [j for j in todo if not args.fresh and finished(j)]
     if done:
-        print(f"[table1] skipping {len(done)} finished run(s): {', '.join(j.name for j in done)}")
+        log.info(f"[table1] skipping {len(done)} finished run(s): {', '.join(j.name for j in done)}")
     t0 = time.perf_counter()
     status = train_all([j for j in todo if j not in done], args.nproc, args.parallel)
-    print(f"[table1] trainings took {time.perf_counter() - t0:.0f} s", flush=True)
+    log.info(f"[table1] trainings took {time.perf_counter() - t0:.0f} s")
     out = args.out or str(Path(args.runs_root) / "table1.md")
     complete = collect_and_print([j.run_dir for j in todo], out)
     return status or (0 if complete else 1)
