@@ -38,8 +38,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import get_model_weights
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from asc_dist.config import ModelConfig
 from asc_dist.errors import ConfigError
@@ -48,32 +46,47 @@ log = logging.getLogger(__name__)
 
 # Same block/layer layout as torchvision's builders, so state dict keys match their weight files
 # (torchvision keeps the layouts inside its builder functions, with no table to read them from).
-RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
-    "resnet101": (Bottleneck, [3, 4, 23, 3]),
-    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+# Block names, not classes: torchvision is imported only when a ResNet is built (importing it
+# pulls in torch._dynamo, ~1.5 s of every process start).
+RESNETS: dict[str, tuple[str, list[int]]] = {
+    "resnet18": ("BasicBlock", [2, 2, 2, 2]),
+    "resnet34": ("BasicBlock", [3, 4, 6, 3]),
+    "resnet50": ("Bottleneck", [3, 4, 6, 3]),
+    "resnet101": ("Bottleneck", [3, 4, 23, 3]),
+    "resnet152": ("Bottleneck", [3, 8, 36, 3]),
 }
 IMAGENET_WEIGHTS = "IMAGENET1K_V1"
 # Wrappers that training code commonly leaves on state dict keys.
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 
 
-class SpecResNet(ResNet):
-    """A torchvision ResNet whose forward first adapts a ``[B, 1, H, W]`` spectrogram."""
+def spec_resnet_class() -> type[nn.Module]:
+    """``SpecResNet``: a torchvision ResNet whose forward first adapts a ``[B, 1, H, W]``
+    spectrogram (made on first use: see RESNETS)."""
+    global _SpecResNet
+    if _SpecResNet is not None:
+        return _SpecResNet
+    from torchvision.models.resnet import ResNet
 
-    def __init__(self, block, layers, num_classes: int, input_adapt: str = "sum",
-                 resize: tuple[int, int] | None = None):
-        super().__init__(block, layers, num_classes=num_classes)
-        self.input_adapt = input_adapt
-        self.resize = resize
-        if input_adapt == "sum":
-            self.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+    class SpecResNet(ResNet):
+        def __init__(self, block, layers, num_classes: int, input_adapt: str = "sum",
+                     resize: tuple[int, int] | None = None):
+            super().__init__(block, layers, num_classes=num_classes)
+            self.input_adapt = input_adapt
+            self.resize = resize
+            if input_adapt == "sum":
+                self.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+                nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(adapt_input(x, self.resize, self.input_adapt))
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(adapt_input(x, self.resize, self.input_adapt))
+
+    SpecResNet.__module__ = __name__
+    _SpecResNet = SpecResNet
+    return SpecResNet
+
+
+_SpecResNet: type[nn.Module] | None = None
 
 
 class SpecTimm(nn.Module):
@@ -154,9 +167,16 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)  # in both, shapes differ (e.g. the head)
 
 
+def imagenet_weights(name: str):
+    """torchvision's record of ResNet ``name``'s ImageNet weights (URL, hash in the name)."""
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(name)[IMAGENET_WEIGHTS]
+
+
 def imagenet_weights_file(name: str) -> Path:
     """Where torch hub's cache keeps the ImageNet weights of ResNet ``name`` (may not exist)."""
-    weights = get_model_weights(name)[IMAGENET_WEIGHTS]
+    weights = imagenet_weights(name)
     # Resolved at call time so a changed TORCH_HOME is honoured.
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
@@ -237,7 +257,10 @@ Builder = Callable[[str, ModelConfig, int, "tuple[int, int] | None"], nn.Module]
 
 
 def _resnet(name: str, m: ModelConfig, num_classes: int, resize) -> nn.Module:
-    return SpecResNet(*RESNETS[name], num_classes, m.input_adapt, resize)
+    from torchvision.models import resnet
+
+    block, layers = RESNETS[name]
+    return spec_resnet_class()(getattr(resnet, block), layers, num_classes, m.input_adapt, resize)
 
 
 def _timm(name: str, m: ModelConfig, num_classes: int, resize) -> nn.Module:
@@ -297,7 +320,7 @@ def pretrained_file(cfg_model: ModelConfig) -> Path | None:
     if pretrained == "imagenet":
         path = imagenet_weights_file(cfg_model.name)
         if not path.is_file():
-            url = get_model_weights(cfg_model.name)[IMAGENET_WEIGHTS].url
+            url = imagenet_weights(cfg_model.name).url
             raise ConfigError(
                 f"model.pretrained=imagenet: ImageNet weights for {cfg_model.name} not found. Place "
                 f"the file {path.name} at {path}: `python -m asc_dist.weights fetch "

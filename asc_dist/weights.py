@@ -26,13 +26,11 @@ import logging
 import re
 from pathlib import Path
 
-from torchvision.models import get_model_weights
-
 from asc_dist import atomic
 from asc_dist.cli import command
 from asc_dist.datasets import NetworkError, Remote, fetch_all, folder_url, mismatch
 from asc_dist.errors import FetchError
-from asc_dist.model import IMAGENET_WEIGHTS, RESNETS, imagenet_weights_file
+from asc_dist.model import RESNETS, imagenet_weights, imagenet_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,7 @@ def source(name: str) -> tuple[str, Path]:
     """The URL of ResNet ``name``'s ImageNet weights and where the trainer reads them."""
     if name not in NAMES:
         raise FetchError(f"unknown weights {name!r}; known: {', '.join(NAMES)}")
-    return get_model_weights(name)[IMAGENET_WEIGHTS].url, imagenet_weights_file(name)
+    return imagenet_weights(name).url, imagenet_weights_file(name)
 
 
 def remote(name: str, mirror: str | None = None) -> Remote:

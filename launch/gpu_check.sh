@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# usage: bash launch/gpu_check.sh OUT_DIR [--device cuda|cpu] [--quick] [--skip-tests]
-# Verifies a GPU node end to end in one command (<= 8 minutes on one GPU) and writes
-# OUT_DIR/results.json and OUT_DIR/summary.md: the gpu-marked tests, DALI/torch log-mel on the GPU
-# vs the CPU, a bf16 training run stopped and resumed, evaluate/predict on cuda vs cpu, and a
-# throughput table at per-GPU batch 64 and 256 (the model alone, a plain PyTorch loop, the real
-# trainer with each data backend, cached and streamed): clips/s, step ms, data wait, memory, MFU.
-# Runs in the python it is given and changes nothing there (GPU nodes often bring their own
-# PyTorch); needs no network (it makes its own synthetic data). Without DALI it says so and runs
-# the rest. `--device cpu --quick` runs it all at toy size on a CPU (the test suite does).
+# usage: bash launch/gpu_check.sh OUT_DIR [--plan] [--only a,b] [--skip a,b] [--work DIR]
+#                                         [--device cuda|cpu] [--quick] [--budget S] [--json]
+# Verifies a GPU node end to end and writes OUT_DIR/results.json and OUT_DIR/summary.md (only
+# those): the gpu-marked tests, DALI/torch log-mel on the GPU vs the CPU, a bf16 training run
+# stopped and resumed, evaluate/predict on cuda vs cpu, and throughput at per-GPU batch 64 and
+# 256 (the model alone, a plain PyTorch loop, the real trainer cached and streamed): clips/s,
+# step ms, data wait, memory, MFU. The check is planned first (`--plan` prints each step's
+# budget and runs nothing; a plan not worth a GPU lease is refused); every step runs in its own
+# process group, killed when it passes its budget; the files are rewritten after every step.
+# `--only`/`--skip` split it over several calls sharing one `--work` (data built once).
+# Runs in the python it is given and changes nothing there; needs no network. Without DALI it
+# says so and runs the rest. `--device cpu --quick` runs it all at toy size (the tests do).
 #   ASC_PYTHON=python3   the python to use (default: the repo's .venv, else python3)
 set -euo pipefail
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ] || [ $# -eq 0 ]; then

@@ -1,6 +1,7 @@
-"""The throughput table of ``bench gpu``: what the model, a plain loop and the trainer reach.
+"""The throughput rows of ``bench gpu``: what the model, a plain loop and the trainer reach.
 
-At each per-GPU batch: our model + loss + AdaBound on one resident batch (the ceiling), a plain
+Each row is a :class:`~asc_dist.bench.plan.Variant` of the plan (its batch, warm-up and timed
+steps). At each per-GPU batch: our model + loss + AdaBound on one resident batch (the ceiling), a plain
 PyTorch loop as a user would write it (torchvision ResNet-50, fused Adam, bf16, channels_last,
 features resident), and the real trainer (a subprocess, its own metrics.jsonl) with each data
 backend, cached and streamed. Step times come from CUDA events on a GPU; model FLOP utilisation
@@ -14,18 +15,25 @@ from pathlib import Path
 
 import torch
 
+from asc_dist.bench.plan import Variant
 from asc_dist.bench.train import run_trainer, summarize_train
-from asc_dist.data import dali_available
 
 # Dense bf16 peak of known accelerators, for the model FLOP utilisation (MFU).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-def train_args(ck, shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    bf16 = "bf16" if ck.device.type == "cuda" else "fp32"
-    return [*ck.features, ck.model, "model.pretrained=none", f"data.shards={shards}",
-            f"run_dir={run_dir}", f"train.device={ck.device.type}", f"train.precision={bf16}",
+def train_args(ctx, run_dir: Path, *extra: str) -> list[str]:
+    bf16 = "bf16" if ctx.device.type == "cuda" else "fp32"
+    return [*ctx.features, ctx.model, "model.pretrained=none", f"data.shards={ctx.shards}",
+            f"run_dir={run_dir}", f"train.device={ctx.device.type}", f"train.precision={bf16}",
             "wandb.mode=disabled", *extra]
+
+
+def measure(ctx, v: Variant) -> dict:
+    """One throughput row of the plan."""
+    row = {"model": model_only, "plain": plain_loop, "trainer": trainer}[v.kind](ctx, v)
+    return {"variant": v.variant, "batch": v.batch, "steps_per_epoch": v.steps_per_epoch,
+            "timed_steps": v.timed_steps, **row}
 
 
 def _flops_per_clip(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
@@ -56,9 +64,9 @@ def _timed(ck, step, iters: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def _loop_record(ck, variant: str, batch: int, seconds: float, flops: float) -> dict:
-    rec = {"variant": variant, "batch": batch, "clips_per_s": batch / seconds, "step_ms": 1000 * seconds,
-           "data_wait_pct": 0.0, "mfu": _mfu(ck, batch / seconds, flops), "flops_per_clip": flops}
+def _loop_record(ck, batch: int, seconds: float, flops: float) -> dict:
+    rec = {"clips_per_s": batch / seconds, "step_ms": 1000 * seconds, "data_wait_pct": 0.0,
+           "mfu": _mfu(ck, batch / seconds, flops), "flops_per_clip": flops}
     if ck.device.type == "cuda":
         rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(ck.device) / 2**30
         torch.cuda.reset_peak_memory_stats(ck.device)
@@ -73,16 +81,24 @@ def _mfu(ck, clips_per_s: float, flops: float) -> float | None:
     return None if peak is None else clips_per_s * flops / (peak * 1e12)
 
 
-def model_only(ck, batch: int) -> dict:
-    """Our model + loss + AdaBound on one resident batch: the ceiling any data path can reach."""
+def _our_model(ck):
     from asc_dist import config
-    from asc_dist.losses import build_loss
-    from asc_dist.model import autocast, build_model, prepare_model
-    from asc_dist.optim import build_optimizer
+    from asc_dist.model import build_model, prepare_model
 
     cfg = config.load([*ck.features, ck.model, "model.pretrained=none"], world_size=1)
     shape = (1, cfg.features.n_mels, cfg.features.frames)
     model = prepare_model(build_model(cfg.model, 10), cfg.model, ck.device)
+    return cfg, shape, model
+
+
+def model_only(ck, v: Variant) -> dict:
+    """Our model + loss + AdaBound on one resident batch: the ceiling any data path can reach."""
+    from asc_dist.losses import build_loss
+    from asc_dist.model import autocast
+    from asc_dist.optim import build_optimizer
+
+    cfg, shape, model = _our_model(ck)
+    batch = v.batch
     flops = _flops_per_clip(model, shape)
     opt, loss_fn = build_optimizer(cfg.optim, model.parameters()), build_loss(cfg.loss, 10).to(ck.device)
     x = torch.randn(batch, *shape, device=ck.device)
@@ -97,11 +113,10 @@ def model_only(ck, batch: int) -> dict:
         loss.backward()
         opt.step()
 
-    return _loop_record(ck, "model only (resident batch)", batch,
-                        _timed(ck, step, 3 if ck.quick else 30, 2 if ck.quick else 10), flops)
+    return _loop_record(ck, batch, _timed(ck, step, v.timed_steps, v.warmup_steps), flops)
 
 
-def plain_loop(ck, batch: int) -> dict:
+def plain_loop(ck, v: Variant) -> dict:
     """What a user would write: torchvision ResNet-50, fused Adam, bf16, channels_last,
     the features resident on the device, a random batch per step."""
     import torchvision
@@ -110,6 +125,7 @@ def plain_loop(ck, batch: int) -> dict:
 
     cfg = config.load([*ck.features], world_size=1)
     shape = (1, cfg.features.n_mels, cfg.features.frames)
+    batch = v.batch
     arch = "resnet18" if ck.quick else "resnet50"
     model = getattr(torchvision.models, arch)(num_classes=10)
     model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
@@ -129,57 +145,22 @@ def plain_loop(ck, batch: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _loop_record(ck, f"plain PyTorch loop ({arch})", batch,
-                        _timed(ck, step, 3 if ck.quick else 30, 2 if ck.quick else 10), flops)
+    return _loop_record(ck, batch, _timed(ck, step, v.timed_steps, v.warmup_steps), flops)
 
 
-def trainer(ck, shards: Path, batch: int, backend: str, cache: str, flops: float) -> dict:
-    steps, warmup = (4, 2) if ck.quick else (30, 10)
-    run_dir = ck.out / "runs" / f"tput-{backend}-{cache}-{batch}"
-    args = train_args(ck, shards, run_dir, f"data.backend={backend}", f"data.cache={cache}",
-                       f"train.global_batch={batch}", f"train.max_iters={warmup + steps}",
-                       f"train.log_every={2 if ck.quick else 10}", "train.eval_every=1000000",
-                       "train.ckpt_every=1000000", "resume=never")
-    records, wall = run_trainer(1, args, run_dir, timeout=600)
-    r = summarize_train(records, warmup)
-    return {"variant": f"trainer {backend}, {'cached' if cache == 'device' else 'streamed'}",
-            "batch": batch, "clips_per_s": r["clips_per_s"], "step_ms": 1000 * r["step_time"],
+def trainer(ck, v: Variant) -> dict:
+    """The real trainer as a user runs it (its own process, its own metrics.jsonl)."""
+    _, shape, model = _our_model(ck)
+    flops = _flops_per_clip(model, shape)  # the MFU counts our model's FLOPs
+    del model
+    log_every = 1 if ck.quick else 10  # >= 3 logged windows after the warm-up
+    run_dir = ck.work / "runs" / f"tput-{v.backend}-{v.cache}-{v.batch}"
+    args = train_args(ck, run_dir, f"data.backend={v.backend}", f"data.cache={v.cache}",
+                      f"train.global_batch={v.batch}", f"train.max_iters={v.warmup_steps + v.timed_steps}",
+                      f"train.log_every={log_every}", "train.eval_every=1000000",
+                      "train.ckpt_every=1000000")
+    records, wall = run_trainer(1, args, run_dir, timeout=None)
+    r = summarize_train(records, v.warmup_steps)
+    return {"clips_per_s": r["clips_per_s"], "step_ms": 1000 * r["step_time"],
             "data_wait_pct": 100 * r["data_wait_frac"], "peak_mem_gb": r.get("peak_mem_gb"),
             "mfu": _mfu(ck, r["clips_per_s"], flops), "run_s": wall}
-
-
-def _trainer_variants(ck, batch: int, batches: tuple[int, ...]) -> list[tuple[str, str]]:
-    """(backend, cache) pairs: every pair at the first batch, the first backend at the second
-    (the 8-minute budget); at toy size one pair per backend and mode is enough."""
-    backends = ["dali", "torch"] if dali_available() else ["torch"]
-    pairs = [(b, c) for b in backends for c in ("device", "none")]
-    if ck.quick:
-        return [(b, c) for b, c in pairs if (b == backends[0]) == (c == "device")] or pairs
-    return pairs if batch == batches[0] else [p for p in pairs if p[0] == backends[0]]
-
-
-def throughput(ck, shards: Path) -> dict:
-    batches = (4,) if ck.quick else (64, 256)
-    rows = ck.results["throughput"]
-    for batch in batches:
-        rows.append(model_only(ck, batch))
-        flops = rows[-1]["flops_per_clip"]  # the trainer's MFU counts our model's FLOPs
-        rows.append(plain_loop(ck, batch))
-        for backend, cache in _trainer_variants(ck, batch, batches):
-            try:
-                rows.append(trainer(ck, shards, batch, backend, cache, flops))
-            except Exception as e:  # noqa: BLE001 - one failed variant is a row, not the end
-                rows.append({"variant": f"trainer {backend}, {cache}", "batch": batch,
-                             "error": f"{type(e).__name__}: {str(e)[-500:]}"})
-            ck.write()
-    out = {}
-    for batch in batches:
-        at = {r["variant"]: r for r in rows if r["batch"] == batch and "clips_per_s" in r}
-        plain = next((r for v, r in at.items() if v.startswith("plain")), None)
-        best = max((r for v, r in at.items() if v.startswith("trainer")), default=None,
-                   key=lambda r: r["clips_per_s"])
-        if plain and best:
-            out[f"trainer_vs_plain_loop_batch{batch}"] = best["clips_per_s"] / plain["clips_per_s"]
-        if best and batch == batches[0]:
-            out["projected_5000_iterations_s"] = 5000 * best["step_ms"] / 1000
-    return out

@@ -20,7 +20,7 @@ from asc_dist import atomic, torchrun
 from asc_dist.bench import machine
 
 
-def run_trainer(nproc: int, overrides: list[str], run_dir: Path, timeout: float) -> tuple[list[dict], float]:
+def run_trainer(nproc: int, overrides: list[str], run_dir: Path, timeout: float | None) -> tuple[list[dict], float]:
     """Run ``asc_dist.train`` with ``nproc`` processes; its metrics.jsonl and wall seconds."""
     from asc_dist.tracking import read_metrics
 
