@@ -9,11 +9,14 @@ Layout under ``<run_dir>/checkpoints/``::
 Every file appears by ``os.replace`` of a fsynced temporary in the same directory, so a crash
 or a failed save leaves the previous checkpoint and pointer intact. Only the writer (rank 0)
 saves; every rank may read. Contents must load with ``torch.load(weights_only=True)``: tensors,
-containers, numbers and strings only (see ``rng_state`` for how the RNG states comply).
+containers, numbers and strings only (see ``rng_state`` for how the RNG states comply). Every
+tensor is saved on the CPU (:func:`to_cpu`), so a host without the training GPUs loads a
+checkpoint with a plain ``torch.load(path, weights_only=True)``, no ``map_location`` needed.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -58,6 +61,7 @@ class Checkpointer:
         try:
             # torch reports a full disk in its own words ("unexpected pos ..."): the size of the
             # state tells atomic.writing when that is what happened.
+            state = to_cpu(state)  # model, optimizer state, RNG states: all of it
             with atomic.writing(path, what="checkpoint", need_bytes=_nbytes(state)) as f:
                 torch.save(state, f)
         except NoSpaceError as e:
@@ -143,6 +147,27 @@ class Checkpointer:
     @staticmethod
     def load(path: str | Path) -> dict:
         return load(path)
+
+
+def to_cpu(obj: Any, where: str = "state") -> Any:
+    """``obj`` with every tensor in its dicts, lists and tuples on the CPU (CPU tensors are kept,
+    not copied); containers keep their type (an ``OrderedDict`` state dict its ``_metadata``).
+    A tensor without data (the ``meta`` device) raises ValueError naming where it sits."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta":
+            raise ValueError(f"{where} is a tensor on the meta device: it holds no data to save")
+        return obj.cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # the same type, default factory and attributes (_metadata)
+        for k, v in obj.items():
+            out[k] = to_cpu(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [to_cpu(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if type(obj) in (list, tuple):
+            return type(obj)(items)
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuple
+    return obj
 
 
 def _nbytes(obj: Any) -> int:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import os
 import signal
+import socket
+from collections.abc import Collection, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +21,10 @@ from torch import nn
 
 from asc_dist.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600.0  # a collective that waits longer than this fails (every group of a run)
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -25,6 +32,7 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    timeout_s: float = DEFAULT_TIMEOUT_S  # the process group's collective timeout
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +51,68 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+def _interfaces() -> list[str]:
+    """This host's network interface names."""
+    try:
+        return [name for _, name in socket.if_nameindex()]
+    except OSError:
+        try:
+            return sorted(os.listdir("/sys/class/net"))
+        except OSError:
+            return []
+
+
+def gloo_interface(env: Mapping[str, str], interfaces: Collection[str] | None = None
+                   ) -> tuple[str | None, str | None]:
+    """The interface(s) gloo should use, as ``GLOO_SOCKET_IFNAME`` takes them, and a note when
+    the main group's choice cannot be carried over.
+
+    Gloo (the CPU side group for stop signals, and the main group on CPU) binds to the address
+    the host name resolves to unless ``GLOO_SOCKET_IFNAME`` is set; across nodes that is often
+    loopback or a management NIC. In order: ``GLOO_SOCKET_IFNAME``; ``ASC_NET_IFNAME``;
+    ``NCCL_SOCKET_IFNAME`` when it names exact interfaces (names that exist here, or NCCL's
+    ``=name`` exact form). NCCL's prefix (``eth``) and exclusion (``^lo,docker``) patterns mean
+    nothing to gloo: then no value, and a note saying what to set. ``interfaces``: this host's
+    interface names (default: read from the system).
+    """
+    for key in ("GLOO_SOCKET_IFNAME", "ASC_NET_IFNAME"):
+        if env.get(key, "").strip():
+            return env[key].strip(), None
+    nccl = env.get("NCCL_SOCKET_IFNAME", "").strip()
+    exclude = nccl.startswith("^")
+    exact = nccl.lstrip("^").startswith("=")
+    names = [n.strip() for n in nccl.lstrip("^").lstrip("=").split(",") if n.strip()]
+    if not names:
+        return None, None
+    here = list(_interfaces() if interfaces is None else interfaces)
+    if not exclude and (exact or all(n in here for n in names)):
+        return ",".join(names), None
+
+    def matches(iface: str) -> bool:
+        return any(iface == n if exact else iface.startswith(n) for n in names)
+
+    chosen = [i for i in here if i != "lo" and matches(i) != exclude]  # what NCCL would use here
+    kind = "an exclusion" if exclude else "a prefix"
+    return None, (f"NCCL_SOCKET_IFNAME={nccl} is {kind} pattern, which gloo (the stop-signal group) "
+                  f"cannot use, so gloo takes the interface the host name resolves to: set "
+                  f"ASC_NET_IFNAME={chosen[0] if chosen else '<interface>'} to put it on NCCL's network"
+                  + (f" (NCCL's pattern selects {','.join(chosen)} here)" if chosen else ""))
+
+
+def pin_gloo_interface(environ: MutableMapping[str, str] = os.environ, *, multi_node: bool = True,
+                       interfaces: Collection[str] | None = None) -> str | None:
+    """Set ``GLOO_SOCKET_IFNAME`` per :func:`gloo_interface` before any gloo group is created
+    (gloo reads it when a group starts); log the note, on multi-node runs, where gloo's own
+    choice matters. Returns the value gloo will use, None for its default."""
+    iface, note = gloo_interface(environ, interfaces)
+    if note and multi_node:
+        log.warning(note)
+    if iface:
+        environ["GLOO_SOCKET_IFNAME"] = iface
+    return iface
+
+
+def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     """Join the process group torchrun describes (if any) and pick this process's device."""
     rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -64,6 +133,8 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        pin_gloo_interface(multi_node=local_world < world_size)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -74,7 +145,7 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
         dist.all_reduce(warm)
         if int(warm.item()) != world_size:
             raise RuntimeError(f"warm-up all_reduce gave {warm.item()}, expected {world_size}")
-    return DistEnv(rank, local_rank, world_size, dev)
+    return DistEnv(rank, local_rank, world_size, dev, timeout_s)
 
 
 def pick_device(name: str) -> torch.device:
@@ -112,6 +183,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if work is not t:
         t.copy_(work)
     return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Average ``t`` over ranks in place and return it (NaN or inf on every rank if on any)."""
+    if not _active():
+        return t
+    return all_reduce_sum(t).div_(dist.get_world_size())
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -189,16 +267,19 @@ class StopSignal:
     The agreement never blocks a step: each step starts an asynchronous MAX all-reduce of the
     flag on a CPU (gloo) side group and reads the one started the step before, which finished
     meanwhile. Every rank reads the same reduction at the same step, so all stop together, one
-    step after the request reached any rank.
+    step after the request reached any rank. The side group is gloo even under NCCL: it uses the
+    interface :func:`init` pinned (:func:`pin_gloo_interface`) and the main group's timeout
+    (gloo's own default would be 30 min).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, env: DistEnv) -> None:
         self.received: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
-        self._group = dist.new_group(backend="gloo") if _active() else None
+        self._group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=env.timeout_s))
+                       if _active() else None)
         self._flag = torch.zeros(1)
         self._work = None
 

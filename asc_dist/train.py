@@ -7,14 +7,16 @@ end, and when a stop signal arrives. ``resume=auto`` continues from the run dir'
 
 Before any process group starts, everything that can be checked is (config, shards, weights, W&B
 credentials, a live run in the same dir), so a mistake costs seconds and prints one line. A step
-never waits for the device: the loss is summed on the device and read, with the non-finite
-check, every ``train.log_every`` steps; the stop-signal agreement is asynchronous.
+never waits for the device: the loss is summed on the device and read, averaged over the ranks
+and with the non-finite check (so a NaN on one rank stops all at the same step), every
+``train.log_every`` steps; the stop-signal agreement is asynchronous.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +184,13 @@ def train_step(p: Parts, batch, mix_gen: torch.Generator, grad_clip: float) -> t
 
 
 def mean_loss(loss_sum: torch.Tensor, first: int, last: int) -> float:
-    """The window's mean loss (one synchronisation); stop on a non-finite one, naming the steps."""
-    value = (loss_sum / (last - first + 1)).item()
+    """The window's mean loss over every rank; stop on a non-finite one, naming the steps.
+
+    Every rank calls this at the same log step: one all-reduce of the window's loss sum (NaN or
+    infinite on every rank when it is on any) and one read. So all ranks raise at the same step
+    and none is left waiting in a collective the others never enter.
+    """
+    value = (dist.all_reduce_mean(loss_sum.clone()) / (last - first + 1)).item()
     if not math.isfinite(value):
         steps = f"step {last}" if first == last else f"steps {first}-{last}"
         raise TrainingDiverged(f"non-finite loss ({value}) in {steps}; stopping. Try a lower "
@@ -207,7 +214,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
         progress = Progress(tc.max_iters, every=tc.log_every, clips_per_step=tc.global_batch,
                             enabled=env.is_main)
         groups = sample_groups(cfg, cfg.data.test_split)
-        stop = dist.StopSignal()
+        stop = dist.StopSignal(env)
         mix_gen = torch.Generator(device=env.device)
         loss_sum, since = torch.zeros((), device=env.device), start + 1
         step, report, preds, stopping = start, {}, None, False
@@ -302,11 +309,30 @@ def main(argv: list[str] | None = None) -> int:
         raise
     env = dist.init(cfg.train.device)
     try:
-        result = train(cfg, env)
+        done = train(cfg, env)["step"] >= cfg.train.max_iters
+        if not done:
+            leave_together(env)
+    except TrainingDiverged:
+        leave_together(env)
+        if not env.is_main:  # every rank stopped at the same step (mean_loss): rank 0 says it once
+            return EXIT_ERROR
+        raise
     finally:
         dist.teardown()
     # Stopped early by a signal with a checkpoint written: not done, rerun (or requeue) to resume.
-    return 0 if result["step"] >= cfg.train.max_iters else EXIT_STOPPED
+    return 0 if done else EXIT_STOPPED
+
+
+def leave_together(env: dist.DistEnv) -> None:
+    """Every rank is leaving at the same agreed step (a stop signal or a non-finite loss).
+
+    torchrun sends SIGTERM to the ranks still running once the first one exits non-zero, which
+    turns a rank that was only finishing its exit into "exitcode: -15" in its report. Ignoring
+    SIGTERM from here on lets each rank end with its own code; torchrun still sends SIGKILL 30 s
+    later should an exit ever hang.
+    """
+    if env.distributed:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,17 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.mark.slow
-def test_bench_train_runs_the_real_trainer_and_reports_scaling(packed_shards, tmp_path):
+def test_bench_train_runs_the_real_trainer_and_reports_scaling(packed_shards, tmp_path, cli):
+    from asc_dist import bench
+
     out = tmp_path / "bench.json"
-    p = subprocess.run(
-        [sys.executable, "-m", "asc_dist.bench", "train", "--shards", str(packed_shards),
-         "--nproc", "1,2", "--steps", "4", "--warmup", "2", "--log-every", "2", "--batch-per-rank", "2",
-         "--variants", "cached:data.cache=device", "--json", str(out), "conf/smoke.yaml",
-         "data.backend=torch"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = cli(bench.main, ["train", "--shards", str(packed_shards), "--nproc", "1,2", "--steps", "4",
+                         "--warmup", "2", "--log-every", "2", "--batch-per-rank", "2",
+                         "--variants", "cached:data.cache=device", "--json", str(out),
+                         "conf/smoke.yaml", "data.backend=torch"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "scaling cached: 2 processes" in p.stdout
     results = json.loads(out.read_text())["results"]

@@ -154,3 +154,72 @@ def test_cuda_rng_round_trip():
     torch.cuda.manual_seed(123)
     set_rng_state(saved)
     assert torch.equal(torch.rand(8, device="cuda"), expected)
+
+
+def _tensors(obj, where="state"):
+    """(where, tensor) for every tensor in a nested state."""
+    if isinstance(obj, torch.Tensor):
+        yield where, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{where}[{i}]")
+
+
+def _trained_state(device: str) -> dict:
+    """A checkpoint's parts as the trainer makes them: a model with BatchNorm (its state dict
+    carries _metadata), an optimizer after a step (per-parameter state tensors), the RNG states."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(8, 4, device=device)).square().mean().backward()
+    opt.step()
+    return state(7, model=model.state_dict(), optimizer=opt.state_dict(), rng=rng_state())
+
+
+def test_to_cpu_moves_every_tensor_and_keeps_the_containers():
+    from collections import OrderedDict, namedtuple
+
+    Pair = namedtuple("Pair", "a b")
+    cpu = torch.arange(3.0)
+    nested = {"model": _trained_state("cpu")["model"],
+              "list": [cpu, (torch.ones(2), "x")], "pair": Pair(torch.zeros(1), 5),
+              "ordered": OrderedDict(k=torch.ones(1)), "n": 3, "s": "text", "none": None}
+    out = ckpt_lib.to_cpu(nested)
+    assert [w for w, t in _tensors(out)] == [w for w, t in _tensors(nested)]
+    assert all(t.device.type == "cpu" for _, t in _tensors(out))
+    assert type(out["model"]) is OrderedDict and out["model"]._metadata == nested["model"]._metadata
+    assert type(out["pair"]) is Pair and type(out["list"][1]) is tuple and type(out["ordered"]) is OrderedDict
+    assert (out["n"], out["s"], out["none"]) == (3, "text", None)
+    assert out["list"][0] is cpu  # CPU tensors are kept, not copied
+
+
+def test_to_cpu_refuses_a_tensor_without_data_naming_where_it_is(tmp_path):
+    bad = {"optimizer": {"state": {0: {"exp_avg": torch.empty(3, device="meta")}}}}
+    with pytest.raises(ValueError, match=r"state\['optimizer'\]\['state'\]\[0\]\['exp_avg'\] is a tensor on the meta device"):
+        ckpt_lib.to_cpu(bad)
+    ck = Checkpointer(tmp_path)
+    ck.save(1, state(1))
+    with pytest.raises(CheckpointError, match=r"step_2\.pt: .*\['exp_avg'\] is a tensor on the meta"):
+        ck.save(2, state(2, **bad))
+    assert ck.latest() == ck.dir / "step_1.pt" and not (ck.dir / "step_2.pt").exists()
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs a CUDA GPU")]),
+])
+def test_a_checkpoint_loads_weights_only_with_every_tensor_on_the_cpu(tmp_path, device):
+    """A GPU run's checkpoint opens on a CPU-only host: plain torch.load, no map_location."""
+    saved = _trained_state(device)
+    assert {t.device.type for _, t in _tensors(saved["model"])} == {device}
+    path = Checkpointer(tmp_path).save(7, saved)
+    loaded = torch.load(path, weights_only=True)
+    found = list(_tensors(loaded))
+    assert len(found) == len(list(_tensors(saved))) > 10  # model, Adam state, RNG states
+    assert [w for w, t in found if t.device.type != "cpu"] == []
+    for (w, a), (_, b) in zip(found, _tensors(saved)):
+        assert torch.equal(a, b.cpu()), w

@@ -277,37 +277,6 @@ def ckpt(run_dir: Path, name: str | None = None) -> dict:
 
 
 @pytest.mark.slow
-def test_train_job_two_processes(slurm, packed_shards, tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "train.out"
-    # Polled like `sbatch --wait` (which backs off to 32 s between polls), with the same verdict.
-    job = slurm.sbatch(
-        [
-            f"--output={log}",
-            "--cpus-per-task=2",
-            "slurm/train.sbatch",
-            *SMOKE,
-            f"data.shards={packed_shards}",
-            f"run_dir={run_dir}",
-            "data.backend=torch",
-            "train.device=cpu",
-        ],
-        cwd=ROOT,
-        env=job_env(slurm, tmp_path, ASC_NPROC_PER_NODE="2"),
-    )
-    finished(slurm, job, log)
-    text = log.read_text()
-    assert "1 node(s) x 2 rank(s)" in text
-    assert "replicas in sync: parameters identical on all 2 ranks" in text
-    assert train_steps(run_dir) == [1, 2, 3, 4, 5, 6]
-    assert sorted(c.name for c in (run_dir / "checkpoints").glob("step_*.pt")) == [
-        "step_3.pt",
-        "step_6.pt",
-    ]
-    assert ckpt(run_dir)["step"] == 6
-    assert json.loads((run_dir / "eval" / "report.json").read_text())["count"] == 20
-
-
-@pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, packed_shards, tmp_path):
     """USR1 to the batch shell (as --signal=B:USR1@300 sends before the time limit) mid-run."""
     run_dir, log = tmp_path / "run", tmp_path / "train.out"
@@ -346,6 +315,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, packed_shards, tm
     text = log.read_text()
 
     assert info["Restarts"] == "1"
+    assert text.count("1 node(s) x 2 rank(s)") == 2  # both runs: sbatch -> torchrun, two ranks
+    assert "replicas in sync: parameters identical on all 2 ranks" in text
     stopped = int(re.search(r"stop signal received: checkpointed at step (\d+)", text).group(1))
     assert 3 <= stopped < steps
     assert f"requeueing job {job}" in text
@@ -360,6 +331,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, packed_shards, tm
     assert first["wandb_id"] and last["wandb_id"] == first["wandb_id"]  # same W&B run continues
     segments = sorted(run_dir.rglob(f"run-{first['wandb_id']}.wandb"))
     assert len(segments) == 2, list(run_dir.rglob("*.wandb"))  # before and after the requeue
+    assert json.loads((run_dir / "eval" / "report.json").read_text())["count"] == 20
 
 
 @pytest.mark.slow

@@ -346,3 +346,52 @@ def test_compile_comes_after_the_ddp_wrap_with_the_configured_mode(packed_shards
     p.train_src.close()
     p.test_src.close()
     assert calls == ["ddp", ("compile", {"mode": "reduce-overhead"})]
+
+
+# Runs as each rank's main module under torchrun: rank 1's loss at step 2 (the end of the first
+# log window with train.log_every=2) reads as NaN; its gradients and every other rank stay finite.
+_NAN_ON_RANK_1 = '''
+import os, sys
+from pathlib import Path
+from asc_dist import train
+
+rank = int(os.environ["RANK"])
+if rank == 1:
+    real, calls = train.train_step, [0]
+
+    def poisoned(*args, **kwargs):
+        calls[0] += 1
+        loss = real(*args, **kwargs)
+        return loss + float("nan") if calls[0] == 2 else loss
+
+    train.train_step = poisoned
+rc = train.main(sys.argv[1:])
+Path(__file__).with_name(f"rc{rank}").write_text(str(rc))
+sys.exit(rc)
+'''
+
+
+@pytest.mark.slow
+def test_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(packed_shards, tmp_path):
+    """The ranks agree on the loss at the log step they all read: both stop there with exit 2
+    and one message, instead of one rank stopping and the other waiting in its next collective."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(_NAN_ON_RANK_1)
+    args = SMOKE + overrides(packed_shards, tmp_path / "run", "train.max_iters=20", "train.log_every=2",
+                             "train.eval_every=100", "train.ckpt_every=100")
+    start = time.monotonic()
+    p = run(TORCHRUN + ["--standalone", "--nproc_per_node=2", str(script)] + args, timeout=120)
+    elapsed = time.monotonic() - start
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out
+    # Each rank returned 2 from main itself: none was killed by torchrun or by a collective's timeout.
+    assert [(tmp_path / f"rc{r}").read_text() for r in (0, 1)] == ["2", "2"], out[-4000:]
+    assert out.count("non-finite loss") == 1, out[-4000:]
+    assert "[rank 0] asc_dist.train: error: non-finite loss (nan) in steps 1-2" in out, out[-4000:]
+    # The one traceback is torchrun's own (it raises ChildFailedError for any non-zero exit).
+    assert out.count("Traceback") == 1 and "ChildFailedError" in out, out[-4000:]
+    assert not re.search(r'File ".*(asc_dist|nan_on_rank_1)', out), out[-4000:]
+    assert elapsed < 100, elapsed  # far below the 600 s collective timeout
+    # torchrun's summary of the failed ranks: both with their own code, none "-15" (SIGTERM) from
+    # torchrun stopping a rank that was still finishing its exit (train.leave_together)
+    assert re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", out, re.MULTILINE) == ["2", "2"], out[-4000:]
