@@ -101,6 +101,9 @@ class DataConfig:
     cache_max_gb: float = positive(4.0)
     # Per-mel-bin standardisation from the training split only; stats file lives beside the shards.
     standardize: bool = True
+    # Check every tar member a reader reads against its digest in samples.jsonl (asc_dist.digest)
+    # before it reaches a batch; false only to measure the check's cost (docs/data.md).
+    verify: bool = True
 
 
 @dataclass

@@ -444,3 +444,25 @@ def test_dali_builds_the_next_epoch_ahead_and_decodes_keys_only_when_read(packed
         e1.close()
     finally:
         src.close()
+
+
+def test_torch_training_reads_on_across_epochs_with_one_loader(packed_shards):
+    """An epoch shorter than the workers' prefetch must not stall at its end: training reads
+    through one loader into the next epoch's plan, and each epoch is still exactly its own."""
+    src = source(packed_shards, "torch", batch=2, extra=("data.num_threads=2",))
+    starts = []
+    real = src._start
+    src._start = lambda e, s: starts.append((e, s)) or real(e, s)
+    try:
+        got = [list(src.epoch(e)) for e in range(3)]
+        assert starts == [(0, 0)] and src._ahead[0] == (3, 0)
+        for e in range(3):
+            with source(packed_shards, "torch", batch=2) as fresh:
+                alone = list(fresh.epoch(e))
+            assert keys_of(alone) == keys_of(got[e])
+            assert all(torch.equal(a.features, b.features) for a, b in zip(alone, got[e]))
+        # resuming elsewhere starts anew (the run-ahead is dropped), with the same batches
+        assert keys_of(list(src.epoch(1, start_step=1))) == keys_of(got[1][1:])
+        assert starts[-1] == (1, 1)
+    finally:
+        src.close()

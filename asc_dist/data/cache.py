@@ -12,6 +12,9 @@ rank then holds all of its features and labels as one tensor on its device:
   ``<split>/features-<settings hash>-<backend>-<device type>.pt``, keyed by the feature settings
   and the split's manifest digest and checked by a checksum, written atomically; a later run
   (every Table I row and seed) loads it in seconds. A stale or corrupt file is rebuilt.
+  The build reads through the streaming source, so every member is checked against its digest
+  (``data.verify``) before its features enter the table; a table built with ``data.verify=false``
+  is marked so and rebuilt (checked) by the next run that verifies.
 * training: every epoch is one permutation of the whole split, a pure function of (seed,
   epoch) (:func:`asc_dist.data.sharding.global_plan`); rank r takes its slice of each global
   batch, so resuming at any step is arithmetic. A step is an index_select on the device.
@@ -90,6 +93,10 @@ def load_table(path: Path, cfg: Any, digest: str, device: torch.device) -> Featu
     if not ok:
         log.warning("feature cache %s is stale or damaged; rebuilding it", path)
         return None
+    if cfg.data.verify and d.get("verified") is False:
+        log.info("feature cache %s was built with data.verify=false; rebuilding it from checked "
+                 "shards", path)
+        return None
     return FeatureTable(d["features"].to(device), d["labels"].to(device), list(d["keys"]))
 
 
@@ -97,7 +104,8 @@ def save_table(path: Path, table: FeatureTable, cfg: Any, digest: str, backend: 
     features = table.features.cpu()
     state = {"version": CACHE_VERSION, "manifest": digest, "features_settings": settings(cfg.features),
              "backend": backend, "features": features, "labels": table.labels.cpu(),
-             "keys": list(table.keys), "checksum": _checksum(features)}
+             "keys": list(table.keys), "checksum": _checksum(features),
+             "verified": bool(cfg.data.verify)}  # members checked against their digests
     try:
         with atomic.writing(path, what="feature cache", need_bytes=table.nbytes) as f:
             torch.save(state, f)

@@ -20,12 +20,21 @@ Keys come from each sample's ``source_info`` ("<tar>:<offset>:<member name>"), c
 batch and decoded only when read. DALI's own errors name no sample, so a failing build or run is
 followed by a scan of the rank's samples (:func:`asc_dist.data.manifest.diagnose`) and re-raised
 as DataError naming shard and key.
+
+Integrity (``data.verify``, on by default): DALI decodes inside its graph, so the reader's raw
+encoded audio is a further (CPU) output of the pipeline, the very buffer the decoder read; before
+a batch is handed out, each row's audio bytes and int32 label are hashed on the CPU (xxh3_64)
+and compared with the digests of samples.jsonl (:func:`asc_dist.data.manifest.check_member`).
+With a GPU the hashing runs in a small thread pool while the features are copied out, so the
+training thread does not hash a large batch alone; on a CPU-only pipeline it runs inline (a pool
+only added thread hand-offs there). The GPU graph is unchanged; the check costs ~0.05-0.07 ms of
+CPU per 10 s 48 kHz clip (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -37,7 +46,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from asc_dist.data import Batch, BatchSource
-from asc_dist.data.manifest import DataError, diagnose
+from asc_dist.data.manifest import DataError, check_member, diagnose
 from asc_dist.data.sharding import derive_seed, shard_range
 from asc_dist.frontend import clip_samples, hann_window
 
@@ -138,6 +147,15 @@ class DaliSource(BatchSource):
         problem = diagnose(self.index, reach)
         if problem:
             raise DataError(problem)
+        # Per-member digests: the raw audio becomes a pipeline output, checked in _to_torch.
+        self.verify = bool(cfg.data.verify) and self.index.has_digests
+        # With a GPU, hash in a pool while the features are copied (and spread big batches over
+        # cores); on a CPU-only pipeline inline: measured cheaper there (BENCHMARKS.md).
+        self._hash_workers = max(1, min(4, self.threads))
+        self._hasher = (ThreadPoolExecutor(max_workers=self._hash_workers, thread_name_prefix="dali-verify")
+                        if self.verify and self.gpu else None)
+        self._ids = {(str(self.index.shards[s.shard].path), s.key): i
+                     for i, s in enumerate(self.index.samples)} if self.verify else {}
 
     # -- pipeline ----------------------------------------------------------------------------
 
@@ -145,7 +163,9 @@ class DaliSource(BatchSource):
         return (self.rank + epoch) % self.world_size if self.train else self.rank
 
     def build_pipeline(self, epoch: int) -> Pipeline:
-        """The epoch's pipeline, built and ready to run."""
+        """The epoch's pipeline, built and already filling its prefetch queue (``schedule_run``):
+        prebuilt in the background for the next epoch, the reader's shuffle-buffer fill and the
+        first batches happen while the current epoch trains, not as a stall at its boundary."""
         shard_id = self.shard_id(epoch)
         seed = derive_seed(self.seed, epoch, shard_id, 0xDA11)
         # exec_dynamic=False: the classic pipelined executor measured ~1.3x faster on this
@@ -163,9 +183,12 @@ class DaliSource(BatchSource):
             )
             # Padded to one length so a batch copies out as one array (decoded lazily: _Keys).
             info = fn.pad(fn.get_property(wav, key="source_info"), fill_value=0)
-            pipe.set_outputs(logmel_graph(wav, self.cfg.features, self.gpu), label, info)
+            # With data.verify the reader's raw audio (CPU) is a 4th output, hashed in _to_torch.
+            pipe.set_outputs(logmel_graph(wav, self.cfg.features, self.gpu), label, info,
+                             *([wav] if self.verify else []))
         try:
             pipe.build()
+            pipe.schedule_run()  # the first call schedules prefetch_queue_depth iterations
         except Exception as e:  # noqa: BLE001 - any DALI failure becomes a DataError naming data
             _shutdown(pipe)
             raise self._data_error(e, shard_id, "building the pipeline") from None
@@ -193,26 +216,65 @@ class DaliSource(BatchSource):
 
     # -- batches -----------------------------------------------------------------------------
 
-    def _to_torch(self, feats, labels, info, first_row: int, count: int) -> Batch:
+    def _sample_id(self, row: np.ndarray) -> int:
+        """The index position of the sample a padded source_info row ("<tar>:<offset>:<member>")
+        names."""
+        text = row.tobytes().rstrip(b"\0").decode("utf-8", "replace")
+        path, _, name = text.rsplit(":", 2)
+        key = name.rsplit("/", 1)[-1].split(".", 1)[0]
+        i = self._ids.get((path, key))
+        if i is None:
+            raise DataError(f"DALI read sample '{key}' of {path}, which the index of split "
+                            f"'{self.split}' in {self.index.dir} does not list: stale index; repack")
+        return i
+
+    def _verify_rows(self, rows: list[tuple[np.ndarray, np.ndarray, bytes]]) -> None:
+        for info_row, audio, label in rows:
+            i = self._sample_id(info_row)
+            check_member(self.index, i, self.index.audio_ext, audio)
+            check_member(self.index, i, self.index.label_ext, label)
+
+    def _verify(self, raw, labels32: np.ndarray, info: np.ndarray, valid: np.ndarray) -> list[Future]:
+        """Check the batch's valid rows against their digests: the audio is a view of DALI's buffer
+        (no copy), the label its 4 bytes as read. Inline without a pool; else started in the pool
+        (xxhash releases the GIL): wait with :func:`_checked` before DALI's buffers may be reused."""
+        rows = [(info[j], np.asarray(raw[j]), labels32[j:j + 1].astype("<i4").tobytes())
+                for j in np.flatnonzero(valid)]
+        if self._hasher is None:
+            self._verify_rows(rows)
+            return []
+        n = self._hash_workers
+        return [self._hasher.submit(self._verify_rows, rows[k::n]) for k in range(n) if rows[k::n]]
+
+    def _to_torch(self, feats, labels, info, *rest) -> Batch:
+        """One Batch from the pipeline's outputs (+ the raw audio with data.verify), the row its
+        first sample has in the rank's share and the share's size; checked before it is returned."""
+        *raw, first_row, count = rest
         shape = (self.batch_size, 1, int(self.cfg.features.n_mels), int(self.cfg.features.frames))
-        if self.gpu:
-            # Copy on a side stream and wait for it alone: DALI may reuse this output buffer
-            # once we call run() again, and syncing the training stream would stall the step.
-            # The buffer is allocated on that stream too, so the caching allocator cannot hand
-            # us a block that kernels queued on the training stream still use.
-            with torch.cuda.stream(self._copy_stream):
-                out = torch.empty(shape, dtype=torch.float32, device=self.device)
-            feed_ndarray(feats.as_tensor(), out, cuda_stream=self._copy_stream)
-            self._copy_stream.synchronize()
-            out.record_stream(torch.cuda.current_stream(self.device))
-        else:
-            out = torch.empty(shape, dtype=torch.float32, device=self.device)
-            feed_ndarray(feats.as_tensor(), out)
-        lab = np.asarray(labels.as_tensor()).reshape(-1).astype(np.int64)
         valid = np.arange(first_row, first_row + self.batch_size) < count
+        labels32 = np.asarray(labels.as_tensor()).reshape(-1)
+        info = np.array(info.as_array())
+        checks = self._verify(raw[0], labels32, info, valid) if raw else []
+        try:  # the copy overlaps the hashing
+            if self.gpu:
+                # Copy on a side stream and wait for it alone: DALI may reuse this output buffer
+                # once we call run() again, and syncing the training stream would stall the step.
+                # The buffer is allocated on that stream too, so the caching allocator cannot hand
+                # us a block that kernels queued on the training stream still use.
+                with torch.cuda.stream(self._copy_stream):
+                    out = torch.empty(shape, dtype=torch.float32, device=self.device)
+                feed_ndarray(feats.as_tensor(), out, cuda_stream=self._copy_stream)
+                self._copy_stream.synchronize()
+                out.record_stream(torch.cuda.current_stream(self.device))
+            else:
+                out = torch.empty(shape, dtype=torch.float32, device=self.device)
+                feed_ndarray(feats.as_tensor(), out)
+        finally:
+            _checked(checks)  # nothing unchecked leaves here; DALI's buffers are free again after
+        lab = labels32.astype(np.int64)
         lab[~valid] = -1
         return Batch(features=out, labels=torch.from_numpy(lab).to(self.device, non_blocking=True),
-                     keys=_Keys(np.array(info.as_array()), valid),
+                     keys=_Keys(info, valid),
                      valid=torch.from_numpy(valid).to(self.device, non_blocking=True))
 
     def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
@@ -237,8 +299,11 @@ class DaliSource(BatchSource):
             _shutdown(pipe)
 
     def _run(self, pipe: Pipeline, shard_id: int, step: int, epoch: int):
+        # run() = schedule_run() + outputs(); the build scheduled step 0's (with the prefetch)
         try:
-            return pipe.run()
+            if step > 0:
+                pipe.schedule_run()
+            return pipe.outputs()
         except Exception as e:  # noqa: BLE001 - DALI raises plain RuntimeErrors
             raise self._data_error(e, shard_id, f"reading step {step} of epoch {epoch}") from None
 
@@ -250,6 +315,15 @@ class DaliSource(BatchSource):
             _discard(self._next[1])
             self._next = None
         self._builder.shutdown(wait=True)
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+
+
+def _checked(futures: list[Future]) -> None:
+    """Wait for every check (they view DALI's buffers), then raise the first failure."""
+    wait(futures)
+    for f in futures:
+        f.result()
 
 
 def _discard(future: Future) -> None:

@@ -6,6 +6,13 @@ from the manifest), an index that disagrees with the manifest, a sample missing 
 What only shows while reading (a corrupt tar header, non-WAV bytes) is found by
 :func:`diagnose`, which the backends call to turn a bare library error into one naming the
 shard and key.
+
+Integrity: ``samples.jsonl`` holds one digest per tar member (asc_dist.digest); ``load_split``
+attaches them to the samples, and :func:`read_member` / :func:`check_member` compare the bytes a
+reader has just read against them (``data.verify``), so a shard corrupted without changing its
+size (which the size checks above cannot see) fails naming the shard and key. Splits packed
+before the digests existed still load, with one note. Whole shards (size + sha256) and every
+member: ``python -m asc_dist.data verify`` (asc_dist.data.verify).
 """
 
 from __future__ import annotations
@@ -13,11 +20,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from asc_dist.digest import NAME as DIGEST
+from asc_dist.digest import digest
 from asc_dist.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,8 @@ class Sample:
     shard: int  # position in SplitIndex.shards
     audio: tuple[int, int]  # (data offset, size) of <key>.wav inside the tar
     label: tuple[int, int]  # (data offset, size) of <key>.i32
+    # {extension: digest} of its members from samples.jsonl; None: packed before digests existed
+    digests: dict[str, int] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -58,6 +72,11 @@ class SplitIndex:
     def where(self, i: int) -> str:
         s = self.samples[i]
         return f"shard {self.shards[s.shard].path} (sample key '{s.key}')"
+
+    @property
+    def has_digests(self) -> bool:
+        """True when samples.jsonl carries per-member digests (packs since they exist)."""
+        return bool(self.samples) and self.samples[0].digests is not None
 
 
 def _parse_index(shard: Shard, audio_ext: str, label_ext: str, shard_pos: int) -> list[Sample]:
@@ -159,10 +178,91 @@ def load_split(root: str | os.PathLike, split: str) -> SplitIndex:
         samples.extend(_parse_index(sh, audio_ext, label_ext, i))
     if len(samples) != num:
         raise DataError(f"{mpath}: num_samples={num} but its shards hold {len(samples)} samples")
+    samples = _with_digests(split_dir, shards, samples)
     sr = int((m.get("audio") or {}).get("sample_rate") or 0)
     return SplitIndex(split=split, dir=split_dir, classes=classes, labelled=bool(m.get("labelled", True)),
                       sample_rate=sr, shards=shards, samples=samples, audio_ext=audio_ext,
                       label_ext=label_ext, manifest=m)
+
+
+# --------------------------------------------------------------------------- digests
+
+_noted: set[Path] = set()  # split dirs already reported as carrying no digests (one note each)
+
+
+def repack_hint(split_dir: Path, manifest: dict | None = None) -> str:
+    """How to check and repack the split in ``split_dir`` (for the end of an error message)."""
+    root = split_dir.parent
+    source = ((manifest or {}).get("settings") or {}).get("source") or "DATASET"
+    return (f"check it with 'python -m asc_dist.data verify {root}' and repack with "
+            f"'python -m asc_dist.pack {source} {root} --splits {split_dir.name} --overwrite' "
+            f"(with the options it was packed with), or restore the file")
+
+
+def read_digests(split_dir: Path) -> list[tuple[str, str, dict[str, int] | None]] | None:
+    """(key, shard name, {extension: digest} or None) per line of ``samples.jsonl``; None when
+    the file is missing. A line without digests (an older pack) has None."""
+    path = split_dir / "samples.jsonl"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            d = r.get(DIGEST)
+            out.append((r["key"], r.get("shard"),
+                        None if d is None else {ext: int(h, 16) for ext, h in d.items()}))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{path}:{n}: not a sample record ({type(e).__name__}: {e}); "
+                            f"repack the split") from None
+    return out
+
+
+def _with_digests(split_dir: Path, shards: list[Shard], samples: list[Sample]) -> list[Sample]:
+    """``samples`` with their digests from samples.jsonl (cross-checked against the indexes), or
+    as they are, with one note per split and process, for a split packed before digests."""
+    records = read_digests(split_dir)
+    if records and all(d is not None for _, _, d in records):
+        if len(records) != len(samples):
+            raise DataError(f"{split_dir / 'samples.jsonl'} lists {len(records)} samples but the "
+                            f"index files {len(samples)}: stale samples.jsonl or index; repack the split")
+        out = []
+        for n, (s, (key, shard, d)) in enumerate(zip(samples, records), start=1):
+            if key != s.key or (shard is not None and shard != shards[s.shard].name):
+                raise DataError(
+                    f"{split_dir / 'samples.jsonl'}:{n} lists sample '{key}' of {shard} where the "
+                    f"index has '{s.key}' of {shards[s.shard].name}: stale samples.jsonl or index; "
+                    f"repack the split")
+            out.append(Sample(s.key, s.shard, s.audio, s.label, d))
+        return out
+    if split_dir.resolve() not in _noted:
+        _noted.add(split_dir.resolve())
+        root = split_dir.parent
+        log.warning(f"shards in {split_dir} carry no per-member digests (packed before asc_dist "
+                    f"recorded them), so reads cannot be checked for corruption: check the "
+                    f"shards with 'python -m asc_dist.data verify {root}', or repack them "
+                    f"('python -m asc_dist.pack DATASET {root} --overwrite') to add the digests")
+    return samples
+
+
+def check_member(index: SplitIndex, i: int, ext: str, data) -> None:
+    """Raise DataError unless ``data`` (bytes or any buffer) matches the digest samples.jsonl
+    records for sample ``i``'s ``.ext`` member (nothing to check on older packs)."""
+    want = index.samples[i].digests
+    if want is None or ext not in want:
+        return
+    got = digest(data)
+    if got != want[ext]:
+        raise DataError(
+            f"{index.where(i)}: .{ext} member does not match its {DIGEST} digest in samples.jsonl "
+            f"(read {got:016x}, packed {want[ext]:016x}): the shard was damaged or changed after "
+            f"packing; {repack_hint(index.dir, index.manifest)}")
 
 
 # --------------------------------------------------------------------------- member reads
@@ -194,9 +294,10 @@ def _header_problem(header: bytes, name: str, size: int) -> str | None:
 
 
 def read_member(fd: int, index: SplitIndex, i: int, which: str = "audio", check_header: bool = True,
-                limit: int | None = None) -> bytes:
+                limit: int | None = None, verify: bool = False) -> bytes:
     """Bytes of sample ``i``'s audio or label component via ``os.pread`` (no shared file offset);
-    with ``limit``, only its first ``limit`` bytes."""
+    with ``limit``, only its first ``limit`` bytes. ``verify``: check the whole member against
+    its digest (:func:`check_member`)."""
     s = index.samples[i]
     off, size = s.audio if which == "audio" else s.label
     ext = index.audio_ext if which == "audio" else index.label_ext
@@ -210,6 +311,8 @@ def read_member(fd: int, index: SplitIndex, i: int, which: str = "audio", check_
         if problem:
             raise DataError(f"{index.where(i)}: {problem}")
         blob = blob[512:]
+    if verify and limit is None:
+        check_member(index, i, ext, blob)
     return blob
 
 

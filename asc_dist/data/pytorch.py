@@ -1,7 +1,8 @@
 """Pure-PyTorch backend: WebDataset shards -> soundfile decode in DataLoader workers -> LogMel.
 
 The fallback where DALI is missing and the oracle DALI is tested against. Shards are read by
-random access through their DALI index (``os.pread`` of one member, its tar header checked),
+random access through their DALI index (``os.pread`` of one member, its tar header checked, its
+bytes checked against their digest from samples.jsonl unless ``data.verify=false``),
 so the per-epoch plan of :mod:`asc_dist.data.sharding` is followed exactly whatever the worker
 count, and resuming at ``start_step`` reads nothing it skips. Workers decode (and on CPU also
 compute the log-mel, so it overlaps the training step); with CUDA the log-mel runs on the GPU.
@@ -30,8 +31,9 @@ from asc_dist.frontend import LogMel, clip_samples, fix_length
 class ShardSamples(Dataset):
     """``ds[i]`` -> (waveform [L] or log-mel [1, M, T], label, key) for sample ``i`` (-1: padding)."""
 
-    def __init__(self, index: SplitIndex, cfg_features: Any, features_here: bool):
+    def __init__(self, index: SplitIndex, cfg_features: Any, features_here: bool, verify: bool = True):
         self.index = index
+        self.verify = verify  # each member read is checked against its digest (data.verify)
         self.cfg_features = cfg_features
         self.sample_rate = int(cfg_features.sample_rate)
         self.num_samples = clip_samples(cfg_features)
@@ -61,11 +63,11 @@ class ShardSamples(Dataset):
         else:
             s = self.index.samples[i]
             fd = self._fd(s.shard)
-            label = int(np.frombuffer(read_member(fd, self.index, i, "label"), "<i4")[0])
+            label = int(np.frombuffer(read_member(fd, self.index, i, "label", verify=self.verify), "<i4")[0])
             if not -1 <= label < len(self.index.classes):
                 raise DataError(f"{self.index.where(i)}: label {label} outside the "
                                 f"{len(self.index.classes)} classes of the manifest")
-            raw = read_member(fd, self.index, i, "audio")
+            raw = read_member(fd, self.index, i, "audio", verify=self.verify)
             try:
                 wave = torch.from_numpy(audio.decode(raw, self.sample_rate, name=self.index.where(i)))
             except ValueError as e:
@@ -105,12 +107,14 @@ class TorchSource(BatchSource):
     def __init__(self, cfg: Any, split: str, **kw):
         super().__init__(cfg, split, **kw)
         self.cuda = self.device.type == "cuda"
-        self.dataset = ShardSamples(self.index, cfg.features, features_here=not self.cuda)
+        self.dataset = ShardSamples(self.index, cfg.features, features_here=not self.cuda,
+                                    verify=bool(cfg.data.verify))
         self.logmel = LogMel(cfg.features).to(self.device) if self.cuda else None
         self.workers = self.num_threads
         self.prefetch = int(cfg.data.prefetch)
         self.buffer = int(cfg.data.shuffle_buffer)
         self._loaders: list[Any] = []
+        self._ahead: tuple[tuple[int, int], Iterator[Batch]] | None = None  # training's run-ahead
 
     def plan(self, epoch: int) -> list[list[int]]:
         """Sample ids per step of ``epoch`` for this rank (-1 = padding row)."""
@@ -122,46 +126,123 @@ class TorchSource(BatchSource):
                          batch_size=self.batch_size)
 
     def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
-        steps = self.plan(epoch)[start_step:]
-        if not steps:
+        steps = len(self.plan(epoch)) - start_step
+        if steps <= 0:
             return
+        # Training reads through one loader across epochs: its workers run ahead into the next
+        # epoch's plan, so an epoch shorter than the prefetch never stalls at its boundary (each
+        # epoch's batches are still exactly its own plan). It continues only where the last
+        # epoch left off; anything else (a resume, an abandoned epoch) starts a new one.
+        if self._ahead is None or self._ahead[0] != (epoch, start_step):
+            self._stop_ahead()
+            self._ahead = ((epoch, start_step), self._start(epoch, start_step))
+        it, self._ahead = self._ahead[1], None
+        finished = False
+        try:
+            for _ in range(steps):
+                yield next(it)
+            finished = True
+        finally:
+            if finished and self.train:
+                self._ahead = ((epoch + 1, 0), it)
+            else:
+                self._shutdown(it)
+
+    def _start(self, epoch: int, start_step: int) -> Iterator[Batch]:
+        """Batches from (epoch, start_step) on: through every later epoch when training."""
+        sampler = _Plans(self, epoch, start_step)
         # Its own generator: a DataLoader draws its workers' base seed from the global RNG, which
         # also drives dropout, so a loader started at a resume would shift the model's draws.
         loader = DataLoader(
-            self.dataset, batch_sampler=steps, num_workers=self.workers, collate_fn=_collate,
+            self.dataset, batch_sampler=sampler, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.cuda, worker_init_fn=_worker_init if self.workers else None,
             prefetch_factor=self.prefetch if self.workers else None,
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
         )
         it = iter(loader)
         self._loaders.append(it)
-        try:
-            while True:
-                try:
-                    x, labels, keys = next(it)
-                except StopIteration:
-                    break
-                except DataError as e:  # re-raised from a worker: keep our message, drop its traceback
-                    raise DataError(str(e).rsplit("DataError: ", 1)[-1].strip()) from None
-                valid = labels.new_tensor([k != "" for k in keys], dtype=torch.bool)
-                x = x.to(self.device, non_blocking=True)
-                if self.logmel is not None:
-                    with torch.no_grad():
-                        x = self.logmel(x)
-                yield Batch(features=x, labels=labels.to(self.device, non_blocking=True), keys=keys,
-                            valid=valid.to(self.device, non_blocking=True))
-        finally:
-            # Shut workers down now rather than at garbage collection (an abandoned epoch).
-            if it in self._loaders:
-                self._loaders.remove(it)
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+        return _on_device(self, it) if self.cuda else _batches(self, it)
+
+    def _stop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._shutdown(self._ahead[1])
+            self._ahead = None
+
+    def _shutdown(self, batches: Iterator[Batch]) -> None:
+        batches.close()  # its finally shuts the loader's workers down now, not at collection
 
     def close(self) -> None:
+        self._stop_ahead()
         for it in list(self._loaders):
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            _shutdown_workers(it)
         self._loaders.clear()
         self.dataset.close()
+
+
+class _Plans:
+    """A DataLoader batch sampler: the steps of ``epoch`` from ``start_step``, then (training)
+    every following epoch's, in order."""
+
+    def __init__(self, source: TorchSource, epoch: int, start_step: int):
+        self.source, self.epoch, self.start_step = source, epoch, start_step
+
+    def __iter__(self):
+        yield from self.source.plan(self.epoch)[self.start_step:]
+        epoch = self.epoch + 1
+        while self.source.train:
+            yield from self.source.plan(epoch)
+            epoch += 1
+
+
+def _shutdown_workers(it) -> None:
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _unpack(source: TorchSource, it) -> Iterator[tuple]:
+    try:
+        for x, labels, keys in it:
+            yield x, labels, keys, labels.new_tensor([k != "" for k in keys], dtype=torch.bool)
+    except DataError as e:  # re-raised from a worker: keep our message, drop its traceback
+        raise DataError(str(e).rsplit("DataError: ", 1)[-1].strip()) from None
+    finally:
+        if it in source._loaders:
+            source._loaders.remove(it)
+        _shutdown_workers(it)
+
+
+def _batches(source: TorchSource, it) -> Iterator[Batch]:
+    for x, labels, keys, valid in _unpack(source, it):
+        yield Batch(features=x, labels=labels, keys=keys, valid=valid)
+
+
+def _on_device(source: TorchSource, it) -> Iterator[Batch]:
+    """CUDA: the next batch's host-to-device copy on a side stream, issued before the current
+    batch is handed over, so it overlaps the training step; the training stream waits on its
+    event only when it takes that batch. ``record_stream`` keeps the allocator from reusing the
+    copies' memory while the training stream may still read it."""
+    copy_stream = torch.cuda.Stream(source.device)
+
+    def issue(item):
+        x, labels, keys, valid = item
+        with torch.cuda.stream(copy_stream):
+            moved = [t.to(source.device, non_blocking=True) for t in (x, labels, valid)]
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        return moved, keys, done
+
+    items = _unpack(source, it)
+    ahead = next(items, None)
+    ahead = issue(ahead) if ahead is not None else None
+    while ahead is not None:
+        (x, labels, valid), keys, done = ahead
+        nxt = next(items, None)
+        ahead = issue(nxt) if nxt is not None else None
+        stream = torch.cuda.current_stream(source.device)
+        stream.wait_event(done)
+        for t in (x, labels, valid):
+            t.record_stream(stream)
+        with torch.no_grad():
+            x = source.logmel(x)
+        yield Batch(features=x, labels=labels, keys=keys, valid=valid)

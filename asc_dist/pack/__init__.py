@@ -7,7 +7,7 @@ dataset's zip parts (zips.py: nothing extracted, the same shards), and writes, p
 
     <split>-000000.tar   GNU tar; per sample <key>.wav, <key>.cls, <key>.i32, <key>.json (writer.py)
     <split>-000000.idx   DALI index (the format of DALI's wds2idx)
-    samples.jsonl        one line per sample, in shard order (manifest.py)
+    samples.jsonl        one line per sample, in shard order, with a digest per member (manifest.py)
     manifest.json        classes, counts, shards (+sha256), audio format, settings, skipped files
 
 Shard contract (readers depend on it):
@@ -45,6 +45,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from asc_dist import atomic, audio
+from asc_dist.digest import member_digests
 from asc_dist.errors import PackError
 from asc_dist.pack import manifest, zips
 from asc_dist.pack.layouts import Entry, SplitPlan, check_lists, parse_classes, plan_splits
@@ -159,7 +160,9 @@ def _write_split(sp: SplitPlan, staged: Path, classes: list[str], meta: dict[str
                 _problem(o, e, problem, skipped)
                 continue
             rec = manifest.sample_record(e, classes, meta.get(e.filename, {}), stored, o.sample_rate)
-            rec["shard"] = writer.add(rec["key"], manifest.components(rec, wav))
+            parts = manifest.components(rec, wav)  # the .json member holds rec as it is now
+            rec["shard"] = writer.add(rec["key"], parts)
+            rec[manifest.DIGEST] = member_digests(parts)  # samples.jsonl only, not the tar
             records.append(rec)
             channels.add(stored["channels"])
             totals["clips"] += 1

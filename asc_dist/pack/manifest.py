@@ -13,11 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from asc_dist import __version__
+from asc_dist.digest import NAME as DIGEST
 from asc_dist.pack.layouts import Entry, parse_name, sample_key
 
 FORMAT = "asc-dist-shards/1"
 COMPONENTS = {"audio": "wav", "label": "cls", "label_int": "i32", "meta": "json"}
-# The per-sample fields samples.jsonl keeps (the .json member holds them all).
+# The per-sample fields samples.jsonl keeps (the .json member holds them all), plus the shard and
+# one digest per member (asc_dist.digest), which only samples.jsonl holds: the tars are unchanged.
 LISTED = ("key", "label", "scene", "city", "location", "device", "filename")
 
 
@@ -81,6 +83,6 @@ def write(split_dir: Path, records: list[dict], manifest: dict) -> None:
     """samples.jsonl (shard order) and manifest.json into a split being staged."""
     with open(split_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         for rec in records:
-            f.write(json.dumps({k: rec[k] for k in LISTED} | {"shard": rec["shard"]},
+            f.write(json.dumps({k: rec[k] for k in LISTED} | {"shard": rec["shard"], DIGEST: rec[DIGEST]},
                                sort_keys=True) + "\n")
     (split_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,3 @@
+from asc_dist.data.cli import main
+
+raise SystemExit(main())
