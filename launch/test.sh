@@ -3,11 +3,12 @@
 # Sets up .venv with the dev extra and runs the whole test suite (what CI runs), printing the 15
 # slowest tests. --fast skips the tests marked slow (real torchrun/SLURM/launcher processes, the
 # wheel and PyPI round trips): the developer loop. "No tests collected" is a failure.
+# ASC_TEST_WORKERS=N: pytest-xdist workers (default 2; 0 runs in this one process).
 # As root, the SLURM tests' daemons (Debian's slurmctld, slurmd, slurm-client) are installed with
 # apt-get when missing; elsewhere those tests skip naming what is missing.
 set -euo pipefail
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,7p' "$0" | sed 's/^# //'; exit 0
+  sed -n '2,8p' "$0" | sed 's/^# //'; exit 0
 fi
 marks=()
 if [ "${1:-}" = "--fast" ]; then shift; marks=(-m "not slow"); fi
@@ -21,7 +22,11 @@ if [ ${#marks[@]} -eq 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null
     || echo "[test] installing SLURM failed: tests/test_slurm.py will say why" >&2
 fi
 set +e
-"$PY" -m pytest -q --durations=15 "${marks[@]}" "$@"
+# Two workers: a suite of many short processes leaves one of two cores idle most of the time.
+# Tests sharing one expensive resource stay on one worker (tests/conftest.py: xdist_group).
+workers=()
+[ "${ASC_TEST_WORKERS:-2}" != 0 ] && workers=(-n "${ASC_TEST_WORKERS:-2}" --dist loadgroup)
+"$PY" -m pytest -q --durations=15 "${workers[@]}" "${marks[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "launch/test.sh: pytest collected no tests: failing" >&2; exit 1; fi

@@ -85,12 +85,12 @@ def direct_logits(checkpoint: Path, waves: list[np.ndarray]) -> tuple[torch.Tens
     return torch.stack(rows).double(), list(state["classes"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory, packed_shards) -> Path:
     return trained_run(tmp_path_factory, packed_shards)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single_report(run_dir, packed_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval-single")
     assert ev.main([str(run_dir), "--split", str(packed_shards / "test"), "--out", str(out),

@@ -17,12 +17,12 @@ from asc_dist import export
 from asc_dist.restore import restore
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory, packed_shards) -> Path:
     return trained_run(tmp_path_factory, packed_shards)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_dir(run_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "model"
     assert export.main([str(run_dir), "--out", str(out)]) == 0

@@ -37,7 +37,7 @@ def test_gpu_check_quick_on_cpu_split_over_two_calls_runs_every_step(tmp_path):
     assert [s["name"] for s in results["plan"]["steps"]] == ["data", "loops-b4", "trainer-torch-streamed-b4"]
     for name, rec in steps.items():
         assert rec["status"] == ("not run" if name == "inference" else "ok"), (name, rec)
-        assert 0 < rec["seconds"] <= rec["budget_s"] and "log_tail" in rec
+        assert rec["seconds"] <= rec["budget_s"] and ("log_tail" in rec) == (name != "inference")
     assert steps["gpu-tests"].get("skipped", 0) > 0  # a CPU: the gpu tests skip, cleanly
     assert "reused" in steps["data"]
     if "dali_vs_torch_cpu_max_db" in steps["parity"]:

@@ -247,7 +247,7 @@ def test_a_skipped_name_becomes_an_empty_wheel_of_its_pinned_version(tmp_path):
 # ---- a real download (small: omegaconf's closure, adabound, setuptools, asc-dist) ---------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def index_reachable(tmp_path_factory):
     """The package index as pip is configured here; skip (with the reason) when it is not there."""
     out = tmp_path_factory.mktemp("probe")

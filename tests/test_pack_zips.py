@@ -44,7 +44,7 @@ def _zip_parts(dataset: Path, out: Path, name: str, parts: int = 3) -> list[Path
     return made
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dcase(tmp_path_factory) -> SimpleNamespace:
     """A synthetic TUT 2018 dataset, its DCASE-style zip parts, and its folder packed."""
     root = tmp_path_factory.mktemp("dcase")

@@ -16,7 +16,7 @@ from test_evaluate import SMOKE_STEPS, direct_logits, split_clips, trained_run
 from asc_dist import predict
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory, packed_shards) -> Path:
     return trained_run(tmp_path_factory, packed_shards)
 
@@ -28,7 +28,7 @@ def tone(sr: int, seconds: float, channels: int = 1, seed: int = 0) -> np.ndarra
     return np.stack([x * (1 - 0.3 * c) for c in range(channels)], axis=1).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def audio_dir(tmp_path_factory, packed_shards) -> Path:
     d = tmp_path_factory.mktemp("audio")
     (d / "sub").mkdir()

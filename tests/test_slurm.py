@@ -213,7 +213,7 @@ def test_table1_dry_run_prints_one_training_per_row_and_seed_and_a_collect_after
 # -- the real cluster -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
     try:
         c = SlurmCluster.start(["asc-n1", "asc-n2"])

@@ -28,7 +28,7 @@ def sweep_args(shards: Path, root: Path, *extra: str) -> list[str]:
     return ["run", "--shards", str(shards), "--runs-root", str(root), *extra, *SMOKE]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweep(tmp_path_factory, packed_shards) -> Path:
     """Two rows x two seeds at smoke size, two trainings at a time (each a real torchrun), then
     the table."""

@@ -88,6 +88,7 @@ class Step:
     budget_s: float
     does: str
     variants: list[Variant] = field(default_factory=list)
+    compares_devices: bool = False  # nothing to run on a CPU-only check
 
 
 @dataclass
@@ -193,7 +194,8 @@ def make_plan(*, device: str, quick: bool, clips_per_class: int | None = None,
         f"bf16 training at batch {b0}, SIGTERM at step {resume_steps // 3}, resumed to "
         f"{resume_steps}"))
     plan.steps.append(Step("inference", _budget(rates, 4 * test / rates.eval_clips_s),
-                           "evaluate and predict on the device vs the CPU (float32)"))
+                           "evaluate and predict on the device vs the CPU (float32)",
+                           compares_devices=True))
     for v in variants(quick, batches, train, backends):
         steps = v.warmup_steps + v.timed_steps
         work = steps * v.batch / rates.train_clips_s[v.batch]
