@@ -23,9 +23,10 @@ if [ ${#marks[@]} -eq 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null
 fi
 set +e
 # Two workers: a suite of many short processes leaves one of two cores idle most of the time.
-# Tests sharing one expensive resource stay on one worker (tests/conftest.py: xdist_group).
+# loadfile: a file's tests share its expensive fixtures (a SLURM cluster, a sweep), so one
+# worker runs them all.
 workers=()
-[ "${ASC_TEST_WORKERS:-2}" != 0 ] && workers=(-n "${ASC_TEST_WORKERS:-2}" --dist loadgroup)
+[ "${ASC_TEST_WORKERS:-2}" != 0 ] && workers=(-n "${ASC_TEST_WORKERS:-2}" --dist loadfile)
 "$PY" -m pytest -q --durations=15 "${workers[@]}" "${marks[@]}" "$@"
 rc=$?
 set -e

@@ -123,14 +123,3 @@ def cli(capsys):
 
     return run
 
-
-# With pytest-xdist (launch/test.sh runs two workers), the tests of these files share one
-# expensive resource (a SLURM cluster; a module's sweep of trainings): one worker runs them all.
-_ONE_WORKER = {"test_slurm.py": "slurm", "test_table1.py": "table1"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = _ONE_WORKER.get(item.path.name)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
