@@ -280,7 +280,7 @@ def ckpt(run_dir: Path, name: str | None = None) -> dict:
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, packed_shards, tmp_path):
     """USR1 to the batch shell (as --signal=B:USR1@300 sends before the time limit) mid-run."""
     run_dir, log = tmp_path / "run", tmp_path / "train.out"
-    steps = 16
+    steps = 40  # long enough that the signal lands mid-run on a busy machine (two test workers)
     # data.backend=dali: its readers are threads; see the report about the torch backend's
     # DataLoader workers, which die of the SIGTERM torchrun sends to each rank's process group.
     job = slurm.sbatch(
@@ -317,7 +317,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, packed_shards, tm
     assert info["Restarts"] == "1"
     assert text.count("1 node(s) x 2 rank(s)") == 2  # both runs: sbatch -> torchrun, two ranks
     assert "replicas in sync: parameters identical on all 2 ranks" in text
-    stopped = int(re.search(r"stop signal received: checkpointed at step (\d+)", text).group(1))
+    m = re.search(r"stop signal received: checkpointed at step (\d+)", text)
+    assert m, text[-4000:]
+    stopped = int(m.group(1))
     assert 3 <= stopped < steps
     assert f"requeueing job {job}" in text
     assert f"resumed from {run_dir}/checkpoints/step_{stopped}.pt at step {stopped}" in text
