@@ -1,5 +1,5 @@
-"""Models: torchvision ResNets and timm SE-ResNets adapted to 1-channel log-mels, and the DCASE
-2018 baseline CNN.
+"""Models: torchvision ResNets and timm SE-ResNets adapted to 1-channel log-mels, the DCASE
+2018 baseline CNN and the DCASE 2024 task 1 baseline (``cp_mobile``, a simplified CP-Mobile).
 
 Input is ``[B, 1, n_mels, T]`` float, output ``[B, num_classes]`` logits; any ``T`` works
 because every model ends in adaptive pooling.
@@ -146,6 +146,110 @@ class DcaseBaseline(nn.Module):
         return self.classifier(self.features(adapt_input(x, self.resize)))
 
 
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """``v`` rounded to the nearest multiple of ``divisor`` (at least ``divisor``), rounded up
+    instead when rounding to nearest would lose more than 10 % (MobileNet's channel rule)."""
+    out = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * v else out
+
+
+def _conv_bn(c_in: int, c_out: int, kernel: int = 1, stride=1, groups: int = 1,
+             relu: bool = True) -> nn.Sequential:
+    """conv (no bias, 'same' padding for odd kernels) - BN - optional ReLU."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=(kernel - 1) // 2, groups=groups,
+                  bias=False),
+        nn.BatchNorm2d(c_out),
+    ]
+    if relu:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class CPMobileBlock(nn.Module):
+    """Inverted bottleneck: 1x1 expand - 3x3 depthwise (carries the stride) - 1x1 project, each
+    with BN (ReLU after the first two), a shortcut when the widths agree (average-pooled 3x3 when
+    strided), ReLU after the sum."""
+
+    def __init__(self, c_in: int, c_out: int, expansion_rate: float, stride: tuple[int, int]):
+        super().__init__()
+        c_exp = make_divisible(c_in * expansion_rate)
+        self.block = nn.Sequential(
+            _conv_bn(c_in, c_exp, 1),
+            _conv_bn(c_exp, c_exp, 3, stride=stride, groups=c_exp),
+            _conv_bn(c_exp, c_out, 1, relu=False),
+        )
+        self.use_shortcut = c_in == c_out
+        strided = tuple(stride) != (1, 1)
+        self.shortcut = (nn.AvgPool2d(3, stride=stride, padding=1)
+                         if self.use_shortcut and strided else nn.Identity())
+        self.after_block_activation = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        if self.use_shortcut:
+            y = y + self.shortcut(x)
+        return self.after_block_activation(y)
+
+
+class CPMobile(nn.Module):
+    """The DCASE 2024 task 1 baseline network (CPJKU/dcase2024_task1_baseline, models/baseline.py
+    with run_training.py's settings): a simplified CP-Mobile of 61,148 parameters and 29,419,156
+    MACs on a ``[1, 1, 256, 65]`` log-mel (the baseline's README table; ``asc_dist.complexity``).
+
+    Stem: two 3x3 stride-2 conv-BN-ReLU (1 -> base/4 -> base channels). Stages of
+    :class:`CPMobileBlock` (``n_blocks`` per stage, widths ``base * multiplier**stage`` rounded by
+    :func:`make_divisible`), blocks numbered b1, b2, ... across stages and strided where
+    ``strides`` names them. Head: 1x1 conv to the classes (no bias) - BN - global average pool.
+    Layer names follow the reference (``in_c``, ``stages.s1.b1.block.0``, ``feed_forward``) so the
+    per-layer complexity table reads like its README's.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, base_channels: int = 32,
+                 channels_multiplier: float = 1.8, expansion_rate: float = 2.1,
+                 n_blocks: tuple[int, ...] = (3, 2, 1),
+                 strides: dict[str, tuple[int, int]] | None = None,
+                 resize: tuple[int, int] | None = None):
+        super().__init__()
+        self.resize = resize
+        # The reference's default strides (models/baseline.py get_model; run_training.py passes none)
+        strides = {"b2": (1, 1), "b3": (1, 2), "b4": (2, 1)} if strides is None else strides
+        base = make_divisible(base_channels)
+        widths = [base] + [make_divisible(base * channels_multiplier ** s)
+                           for s in range(len(n_blocks))]
+        self.in_c = nn.Sequential(
+            _conv_bn(in_channels, widths[0] // 4, 3, stride=2),
+            _conv_bn(widths[0] // 4, widths[0], 3, stride=2),
+        )
+        self.stages = nn.Sequential()
+        block_id = 0
+        for s, count in enumerate(n_blocks):
+            stage = nn.Sequential()
+            c_in = widths[s]
+            for _ in range(count):
+                block_id += 1
+                name = f"b{block_id}"
+                stage.add_module(name, CPMobileBlock(c_in, widths[s + 1], expansion_rate,
+                                                     tuple(strides.get(name, (1, 1)))))
+                c_in = widths[s + 1]
+            self.stages.add_module(f"s{s + 1}", stage)
+        self.feed_forward = nn.Sequential(
+            nn.Conv2d(widths[-1], num_classes, 1, bias=False),
+            nn.BatchNorm2d(num_classes),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.in_c(adapt_input(x, self.resize)))
+        return self.feed_forward(x).flatten(1)
+
+
 def adapt_input(x: torch.Tensor, resize: tuple[int, int] | None,
                 input_adapt: str = "sum") -> torch.Tensor:
     """Check a ``[B, 1, n_mels, T]`` log-mel; resize it if asked; repeat it for an RGB stem."""
@@ -271,12 +375,18 @@ def _dcase_baseline(name: str, m: ModelConfig, num_classes: int, resize) -> nn.M
     return DcaseBaseline(num_classes, resize)
 
 
+def _cp_mobile(name: str, m: ModelConfig, num_classes: int, resize) -> nn.Module:
+    return CPMobile(num_classes, resize=resize)
+
+
 # The one list of model names (model.name): name -> builder. seresnet*: timm's squeeze-and-
-# excitation ResNets (Table I's SE-ResNet row); dcase_baseline: the DCASE 2018 baseline CNN.
+# excitation ResNets (Table I's SE-ResNet row); dcase_baseline: the DCASE 2018 baseline CNN;
+# cp_mobile: the DCASE 2024 task 1 baseline (61,148 parameters).
 MODELS: dict[str, Builder] = {
     **dict.fromkeys(RESNETS, _resnet),
     **dict.fromkeys(("seresnet18", "seresnet34", "seresnet50"), _timm),
     "dcase_baseline": _dcase_baseline,
+    "cp_mobile": _cp_mobile,
 }
 # Families named by a prefix (``prefix:<name>``), resolved by their builder at build time.
 PREFIXED: dict[str, Builder] = {}
@@ -300,10 +410,13 @@ def check_model(cfg_model: ModelConfig) -> None:
                           f"model.name={cfg_model.name}; use model.pretrained=none or a path")
 
 
-def build_model(cfg_model: ModelConfig, num_classes: int) -> nn.Module:
-    """Build ``cfg.model`` with a ``num_classes``-way head, on CPU, pretrained weights loaded."""
+def build_model(cfg_model: ModelConfig, num_classes: int, *, load_weights: bool = True) -> nn.Module:
+    """Build ``cfg.model`` with a ``num_classes``-way head, on CPU, pretrained weights loaded
+    (``load_weights=False``: the architecture only, ``model.pretrained`` ignored)."""
     resize = tuple(int(s) for s in cfg_model.resize) if cfg_model.resize is not None else None
     model = _builder(cfg_model.name)(cfg_model.name, cfg_model, num_classes, resize)
+    if not load_weights:
+        return model
     path = pretrained_file(cfg_model)
     if path is not None:
         load_pretrained(model, _read_state_dict(path), source=str(path))

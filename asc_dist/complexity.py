@@ -1,0 +1,205 @@
+"""Model complexity as the DCASE low-complexity tasks count it: parameters, parameter memory and
+multiply-accumulate operations (MACs) per clip, per layer.
+
+The challenge counts with NeSsi, which reads torchinfo's ``total_params`` and
+``total_mult_adds``; this module applies the same rules with forward hooks on the leaf modules,
+without the dependency:
+
+* a convolution (any ``ConvNd``, transposed too): its parameters (weights and bias) times the
+  batch times the output positions -- ``c_in/groups * c_out * k_h * k_w * H_out * W_out`` for a
+  bias-free Conv2d;
+* a linear layer: its parameters times the output positions (``prod(out.shape[:-1])``; torchinfo
+  multiplies by the batch only, the same for the usual ``[B, features]`` input);
+* any other module with parameters (batch norm, layer norm, ...): its parameters times the batch
+  (a BatchNorm2d of C channels: 2 C, as the DCASE 2024 baseline's table counts it);
+* modules without parameters (activations, pooling, shortcut additions): 0.
+
+Parameters are counted once per tensor (shared weights once, where first used); parameters held
+outside any called leaf module are listed as one ``(other parameters)`` row, so the per-layer
+rows always add up to the totals. The DCASE 2024 task 1 baseline (``model.name=cp_mobile``)
+counts 61,148 parameters and 29,419,156 MACs on ``[1, 1, 256, 65]``, its published table.
+
+    python -m asc_dist.complexity [conf.yaml ...] [key=value ...] [--layers] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from asc_dist.cli import command
+from asc_dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Bytes per parameter at the precisions the challenge rules talk about.
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1}
+# DCASE 2024 task 1 limits: parameter memory 128 kB, 30 million MACs per 1 s clip.
+DCASE_MAX_PARAM_BYTES = 128_000
+DCASE_MAX_MACS = 30_000_000
+
+
+@dataclass
+class LayerCount:
+    name: str  # the module's name in the model ("stages.s1.b1.block.0.0")
+    kind: str  # its class name
+    input: list[int]  # shape of its first input on the counted call
+    output: list[int]
+    params: int
+    macs: int
+
+
+@dataclass
+class Complexity:
+    input: list[int]
+    params: int
+    macs: int
+    layers: list[LayerCount] = field(default_factory=list)
+
+    @property
+    def param_bytes(self) -> dict[str, int]:
+        return {k: self.params * b for k, b in BYTES_PER_PARAM.items()}
+
+    def to_dict(self, layers: bool = False) -> dict:
+        out = {"input": list(self.input), "params": self.params, "macs": self.macs,
+               "param_bytes": self.param_bytes}
+        if layers:
+            out["layers"] = [asdict(layer) for layer in self.layers]
+        return out
+
+
+def _first_tensor(x) -> torch.Tensor | None:
+    if torch.is_tensor(x):
+        return x
+    if isinstance(x, (list, tuple)):
+        for item in x:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    if isinstance(x, dict):
+        return _first_tensor(list(x.values()))
+    return None
+
+
+def layer_macs(module: nn.Module, params: int, out: torch.Tensor) -> int:
+    """MACs of one call of leaf ``module`` holding ``params`` parameters (all of its own, shared
+    ones included: the work is done every call) that produced ``out``."""
+    if params == 0 or out is None or out.dim() == 0:
+        return 0
+    shape = list(out.shape)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return params * shape[0] * math.prod(shape[2:])
+    if isinstance(module, nn.Linear):
+        return params * math.prod(shape[:-1])
+    return params * shape[0]
+
+
+def count(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> Complexity:
+    """Parameters and MACs of ``model`` on one zero input of ``input_shape``, per leaf module in
+    call order. The model runs once in eval mode without gradients (its mode is restored)."""
+    shape = [int(s) for s in input_shape]
+    leaves = {m: name for name, m in model.named_modules() if not list(m.children())}
+    seen_params: set[int] = set()
+    layers: list[LayerCount] = []
+
+    def hook(module: nn.Module, args, output) -> None:
+        own = list(module.parameters(recurse=False))
+        new = [p for p in own if id(p) not in seen_params]
+        seen_params.update(id(p) for p in new)
+        inp, out = _first_tensor(args), _first_tensor(output)
+        layers.append(LayerCount(
+            name=leaves[module] or type(module).__name__, kind=type(module).__name__,
+            input=list(inp.shape) if inp is not None else [],
+            output=list(out.shape) if out is not None else [],
+            params=sum(p.numel() for p in new),
+            macs=layer_macs(module, sum(p.numel() for p in own), out)))
+
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    first = next(model.parameters(), None)
+    x = torch.zeros(shape, dtype=first.dtype if first is not None else torch.float32,
+                    device=first.device if first is not None else "cpu")
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in seen_params)
+    if rest:
+        layers.append(LayerCount("(other parameters)", "-", [], [], rest, 0))
+    return Complexity(input=shape, params=sum(p.numel() for p in model.parameters()),
+                      macs=sum(layer.macs for layer in layers), layers=layers)
+
+
+def format_layers(c: Complexity) -> str:
+    """A per-layer table (layers with neither parameters nor MACs left out) and its sum."""
+    rows = [(layer.name, layer.kind, str(layer.input), f"{layer.params:,}", f"{layer.macs:,}")
+            for layer in c.layers if layer.params or layer.macs]
+    rows.append(("sum", "", "", f"{c.params:,}", f"{c.macs:,}"))
+    head = ("layer", "type", "input", "params", "MACs")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+
+    def fmt(r: tuple[str, ...]) -> str:
+        return "  ".join(v.ljust(w) if i < 3 else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+
+    return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
+
+
+def format_summary(c: Complexity, model_name: str) -> str:
+    b = c.param_bytes
+    return "\n".join([
+        f"model       {model_name}",
+        f"input       {c.input}",
+        f"parameters  {c.params:,}",
+        f"memory      fp32 {b['fp32']:,} B, fp16 {b['fp16']:,} B, int8 {b['int8']:,} B",
+        f"MACs/clip   {c.macs:,}",
+    ])
+
+
+@command("asc_dist.complexity")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m asc_dist.complexity",
+        description="Parameters, parameter memory (fp32/fp16/int8 bytes) and MACs per clip of the "
+                    "configured model on the configured input [1, 1, features.n_mels, "
+                    "features.frames], counted as the DCASE challenge counts them.")
+    p.add_argument("config", nargs="*", help="YAML files, then key=value overrides")
+    p.add_argument("--layers", action="store_true", help="also print a per-layer table")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    from asc_dist import config
+    from asc_dist.model import build_model
+
+    cfg = config.load(args.config)
+    if cfg.num_classes is None or int(cfg.num_classes) < 1:
+        raise ConfigError(f"num_classes={cfg.num_classes}: need a positive number of classes")
+    # Architecture only: the weights do not change the counts (model.pretrained is not read).
+    model = build_model(cfg.model, int(cfg.num_classes), load_weights=False)
+    shape = [1, 1, int(cfg.features.n_mels), int(cfg.features.frames)]
+    log.info("counting %s (%d classes) on input %s", cfg.model.name, cfg.num_classes, shape)
+    c = count(model, shape)
+    if args.json:
+        out = c.to_dict(layers=args.layers)
+        out["model"] = cfg.model.name
+        print(json.dumps(out, indent=2))
+        return 0
+    print(format_summary(c, cfg.model.name))
+    if args.layers:
+        print()
+        print(format_layers(c))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
