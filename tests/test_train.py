@@ -217,17 +217,6 @@ def test_wandb_offline_history_and_run_id_survive_resume(packed_shards, tmp_path
     assert config["model"]["name"] == "dcase_baseline"
 
 
-def test_unreachable_wandb_server_does_not_stop_training(packed_shards, tmp_path, cli, monkeypatch):
-    run_dir = tmp_path / "run"
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    p = ok(cli(train.main, SMOKE + overrides(
-        packed_shards, run_dir, "wandb.mode=online", "wandb.init_timeout=2", "train.max_iters=2",
-        "train.global_batch=2")))
-    assert "W&B" in p.stderr  # one warning says W&B is off
-    assert model_state(run_dir / "checkpoints" / "step_2.pt")["wandb_id"] is None
-
-
 def test_config_errors_fail_before_any_process_group(packed_shards, tmp_path, cli, monkeypatch):
     # As rank 0 of 2 under torchrun: were a process group started, it would wait for rank 1.
     with monkeypatch.context() as m:
