@@ -123,3 +123,17 @@ def cli(capsys):
 
     return run
 
+
+
+# Under pytest-xdist (launch/test.sh: two workers, one file per worker at a time) the files with
+# the longest runs go first, so the suite does not end with one worker idle beside a long file.
+_LONG_FILES = ("test_slurm.py", "test_gpu_check.py", "test_train.py", "test_launch.py",
+               "test_table1.py", "test_bench.py", "test_offline_bundle.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return _LONG_FILES.index(name) if name in _LONG_FILES else len(_LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
