@@ -52,6 +52,7 @@ def test_budgets_follow_from_the_work():
                                    r"trainer-dali-streamed-b256 .*need >= 10"),
     (["--budget", "200"], r"add up to \d+ s, over --budget 200 s \(largest: gpu-tests"),
     (["--only", "nosuch"], r"no step named 'nosuch'; steps: gpu-tests, data"),
+    (["--only", "data", "--skip", "data"], r"leave no step to run; steps: gpu-tests, data"),
 ])
 def test_a_plan_not_worth_a_lease_is_refused_in_one_line(cli, args, message):
     p = cli(bench.main, ["gpu", "--plan", "--device", "cuda", *args])

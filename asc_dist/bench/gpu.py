@@ -228,7 +228,7 @@ def run(args) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "device": plan.device, "quick": plan.quick,
-               "torch": torch.__version__, "plan": plan.to_json(), "steps": {}}
+               "torch": torch.__version__, "plan": plan.to_json(), "steps": {}, "seconds": 0.0}
     old = out / "results.json"
     if old.is_file():  # a split check: this call's steps join the earlier calls' ones
         try:

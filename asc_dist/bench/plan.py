@@ -274,6 +274,8 @@ def select(plan: Plan, only: list[str] | None, skip: list[str] | None) -> Plan:
     for p in skip or []:
         keep -= set(match(p))
     plan.steps = [s for s in plan.steps if s.name in keep]
+    if not plan.steps:
+        raise ConfigError(f"--only/--skip leave no step to run; steps: {', '.join(names)}")
     return plan
 
 
