@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 
 # Bytes per parameter at the precisions the challenge rules talk about.
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1}
-# DCASE 2024 task 1 limits: parameter memory 128 kB, 30 million MACs per 1 s clip.
-DCASE_MAX_PARAM_BYTES = 128_000
-DCASE_MAX_MACS = 30_000_000
 
 
 @dataclass

@@ -27,7 +27,8 @@ set +e
 # worker runs them all.
 workers=()
 [ "${ASC_TEST_WORKERS:-2}" != 0 ] && workers=(-n "${ASC_TEST_WORKERS:-2}" --dist loadfile)
-"$PY" -m pytest -q --durations=15 "${workers[@]}" "${marks[@]}" "$@"
+# ${a[@]+...}: an empty array under set -u is an error in bash < 4.4
+"$PY" -m pytest -q --durations=15 ${workers[@]+"${workers[@]}"} ${marks[@]+"${marks[@]}"} "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "launch/test.sh: pytest collected no tests: failing" >&2; exit 1; fi

@@ -117,3 +117,15 @@ def test_a_check_stopped_from_outside_kills_the_running_step(tmp_path):
     assert p.wait(timeout=20) == 143
     left = subprocess.run(["pgrep", "-f", "time.sleep\\(61\\)"], capture_output=True, text=True)
     assert left.stdout.strip() == "", "the step outlived the check"
+
+
+def test_a_reused_work_folder_with_data_for_another_plan_is_not_used(tmp_path):
+    """--work is reused across calls: data made for another size must not be measured as this
+    plan's (the rows would report the plan's clips and steps per epoch, not the data's)."""
+    plan = planning.make_plan(device="cpu", quick=True)
+    (tmp_path / "shards" / "test").mkdir(parents=True)
+    (tmp_path / "shards" / "test" / "manifest.json").write_text("{}")
+    (tmp_path / "data.json").write_text(json.dumps({"clips_per_class": 99, "quick": False}))
+    ctx = gpu.Ctx("cpu", True, tmp_path, plan)
+    with pytest.raises(gpu.Skip, match="made for .*clips_per_class.*99.*run the data step again"):
+        gpu._do(ctx, plan.step("parity"))

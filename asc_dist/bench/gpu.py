@@ -88,6 +88,12 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _kill_tree(p: subprocess.Popen) -> None:
+    if p.poll() is not None:  # reaped: its pid may be another process's now; its group is not
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
     victims = _descendants(p.pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -318,8 +324,13 @@ def _do(ctx: Ctx, step: planning.Step) -> dict | None:
         return gpu_tests(ctx)
     if step.name == "data":
         return make_data(ctx)
-    if not step.name.startswith("loops-") and not (ctx.shards / "test" / "manifest.json").is_file():
-        raise Skip(f"no shards in {ctx.shards}: run the data step first (same --work)")
+    if not step.name.startswith("loops-"):
+        stamp = ctx.work / "data.json"
+        if not (ctx.shards / "test" / "manifest.json").is_file() or not stamp.is_file():
+            raise Skip(f"no shards in {ctx.shards}: run the data step first (same --work)")
+        if json.loads(stamp.read_text()) != _data_stamp(ctx.plan):
+            raise Skip(f"the data in {ctx.work} was made for {stamp.read_text()}, not this plan "
+                       f"({json.dumps(_data_stamp(ctx.plan))}): run the data step again")
     if step.name == "parity":
         return parity(ctx)
     if step.name == "stop-resume":
@@ -336,7 +347,7 @@ def make_data(ctx: Ctx) -> dict:
 
     plan = ctx.plan
     stamp = ctx.work / "data.json"
-    want = {"clips_per_class": plan.clips_per_class, "quick": plan.quick}
+    want = _data_stamp(plan)
     if stamp.is_file() and json.loads(stamp.read_text()) == want and (ctx.shards / "test" / "manifest.json").is_file():
         return {"reused": str(ctx.shards), "train_clips": plan.train_clips, "test_clips": plan.test_clips}
     sr = 16000 if plan.quick else 48000
@@ -348,6 +359,10 @@ def make_data(ctx: Ctx) -> dict:
               verbose=False)
     atomic.write_text(stamp, json.dumps(want))
     return {"shards": str(ctx.shards), "train_clips": plan.train_clips, "test_clips": plan.test_clips}
+
+
+def _data_stamp(plan: planning.Plan) -> dict:
+    return {"clips_per_class": plan.clips_per_class, "quick": plan.quick}
 
 
 def gpu_tests(ctx: Ctx) -> dict:
@@ -417,7 +432,8 @@ def stop_resume(ctx: Ctx) -> dict:
                       f"train.eval_every={steps}", "train.ckpt_every=1000", "resume=auto",
                       f"train.global_batch={ctx.plan.batches[0]}")
     cmd = torchrun.command(args)
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, ASC_LOG_LEVEL="INFO")  # the progress lines this step reads
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     for line in p.stdout:
         sys.stdout.write(line)
@@ -426,8 +442,11 @@ def stop_resume(ctx: Ctx) -> dict:
             p.send_signal(signal.SIGTERM)
     if p.wait() != 3:
         raise RuntimeError(f"stopped run exited {p.returncode}, expected 3")
-    stopped = int(re.search(r"checkpointed at step (\d+)", "".join(lines)).group(1))
-    again = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    m = re.search(r"checkpointed at step (\d+)", "".join(lines))
+    if m is None:
+        raise RuntimeError("the stopped run logged no 'checkpointed at step N'")
+    stopped = int(m.group(1))
+    again = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     sys.stdout.write(again.stdout)
     if again.returncode != 0 or f"at step {stopped}" not in again.stdout:
         raise RuntimeError(f"resume failed (exit {again.returncode})")

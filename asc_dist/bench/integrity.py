@@ -100,11 +100,13 @@ def time_dali_check(cfg, split: str, batch_size: int, repeat: int = 100) -> floa
     waiting), on one batch of real pipeline outputs."""
     import numpy as np
 
-    from asc_dist.data.dali import _checked
+    from asc_dist.data.dali import _checked, _shutdown
 
     src = _source(cfg, split, False, batch_size)
+    pipe = None
     try:
-        feats, labels, info, raw = src.build_pipeline(0).outputs()
+        pipe = src.build_pipeline(0)
+        feats, labels, info, raw = pipe.outputs()
         labels32 = np.asarray(labels.as_tensor()).reshape(-1)
         info, valid = np.array(info.as_array()), np.ones(batch_size, dtype=bool)
         time.sleep(0.5)  # the pipeline's prefetch finishes: only the check is timed
@@ -113,6 +115,8 @@ def time_dali_check(cfg, split: str, batch_size: int, repeat: int = 100) -> floa
             _checked(src._verify(raw, labels32, info, valid))
         return (time.process_time() - t0) / (repeat * batch_size) * 1e3
     finally:
+        if pipe is not None:
+            _shutdown(pipe)
         src.close()
 
 

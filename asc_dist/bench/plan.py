@@ -40,8 +40,9 @@ GPU = Rates(startup_s=15.0, cores=16, synth_clips_per_core_s=4.0, pack_clips_per
             train_clips_s={64: 2500.0, 256: 4000.0}, stream_clips_s={"dali": 4000.0, "torch": 1500.0},
             cache_clips_s={"dali": 3000.0, "torch": 1000.0}, gpu_test_s=10.0, eval_clips_s=1000.0,
             report_s=5.0)
-# --quick --device cpu: 1-s 16 kHz clips and ResNet-18 on 2 cores (the CI machine, which may
-# be busy: the start-up allows for a trainer process inside the step's own, both importing torch).
+# --quick --device cpu: 1-s 16 kHz clips, the small DCASE 2018 CNN in the trainer (ResNet-18 in
+# the plain loop) on 2 cores (the CI machine, which may be busy: the start-up allows for a
+# trainer process inside the step's own, both importing torch).
 CPU_QUICK = Rates(startup_s=20.0, cores=2, synth_clips_per_core_s=40.0, pack_clips_per_core_s=200.0,
                   train_clips_s={4: 15.0}, stream_clips_s={"dali": 100.0, "torch": 60.0},
                   cache_clips_s={"dali": 150.0, "torch": 100.0}, gpu_test_s=2.0,

@@ -100,12 +100,13 @@ def load_table(path: Path, cfg: Any, digest: str, device: torch.device) -> Featu
     return FeatureTable(d["features"].to(device), d["labels"].to(device), list(d["keys"]))
 
 
-def save_table(path: Path, table: FeatureTable, cfg: Any, digest: str, backend: str) -> None:
+def save_table(path: Path, table: FeatureTable, cfg: Any, digest: str, backend: str,
+               verified: bool) -> None:
     features = table.features.cpu()
     state = {"version": CACHE_VERSION, "manifest": digest, "features_settings": settings(cfg.features),
              "backend": backend, "features": features, "labels": table.labels.cpu(),
              "keys": list(table.keys), "checksum": _checksum(features),
-             "verified": bool(cfg.data.verify)}  # members checked against their digests
+             "verified": verified}  # members checked against their digests
     try:
         with atomic.writing(path, what="feature cache", need_bytes=table.nbytes) as f:
             torch.save(state, f)
@@ -145,7 +146,9 @@ def load_or_build(stream: BatchSource, progress: bool = True) -> FeatureTable:
         return table
     table = build_table(stream, progress)
     if stream.rank == 0:
-        save_table(path, table, cfg, digest, stream.backend)
+        # an old pack (no digests) checks nothing: its table must not pass for a checked one
+        save_table(path, table, cfg, digest, stream.backend,
+                   verified=bool(cfg.data.verify) and stream.index.has_digests)
     return table
 
 

@@ -27,8 +27,8 @@ a batch is handed out, each row's audio bytes and int32 label are hashed on the 
 and compared with the digests of samples.jsonl (:func:`asc_dist.data.manifest.check_member`).
 With a GPU the hashing runs in a small thread pool while the features are copied out, so the
 training thread does not hash a large batch alone; on a CPU-only pipeline it runs inline (a pool
-only added thread hand-offs there). The GPU graph is unchanged; the check costs ~0.05-0.07 ms of
-CPU per 10 s 48 kHz clip (BENCHMARKS.md).
+only added thread hand-offs there). The GPU graph is unchanged; the check costs ~0.04 ms of CPU
+per 10 s 48 kHz clip (BENCHMARKS.md, "Shard integrity").
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ class TorchSource(BatchSource):
                          batch_size=self.batch_size)
 
     def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
-        steps = len(self.plan(epoch)) - start_step
+        steps = self.steps_per_epoch - start_step
         if steps <= 0:
             return
         # Training reads through one loader across epochs: its workers run ahead into the next
