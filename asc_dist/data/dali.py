@@ -94,6 +94,12 @@ def _first_line(e: BaseException) -> str:
     return (f"{op}: {reason}" if op else reason)[:300]
 
 
+def _source(row: np.ndarray) -> tuple[str, str]:
+    """(tar path, sample key) of a padded source_info row "<tar>:<offset>:<member name>"."""
+    path, _, name = row.tobytes().rstrip(b"\0").decode("utf-8", "replace").rsplit(":", 2)
+    return path, Path(name).name.split(".", 1)[0]
+
+
 class _Keys(Sequence):
     """Sample keys of one batch, decoded from a copy of DALI's padded source_info on first read."""
 
@@ -102,11 +108,7 @@ class _Keys(Sequence):
 
     @cached_property
     def _keys(self) -> list[str]:
-        out = []
-        for row, ok in zip(self._info, self._valid):
-            name = row.tobytes().rstrip(b"\0").decode("utf-8", "replace").rsplit(":", 1)[-1]
-            out.append(Path(name).name.split(".", 1)[0] if ok else "")
-        return out
+        return [_source(row)[1] if ok else "" for row, ok in zip(self._info, self._valid)]
 
     def __getitem__(self, i):
         return self._keys[i]
@@ -219,9 +221,7 @@ class DaliSource(BatchSource):
     def _sample_id(self, row: np.ndarray) -> int:
         """The index position of the sample a padded source_info row ("<tar>:<offset>:<member>")
         names."""
-        text = row.tobytes().rstrip(b"\0").decode("utf-8", "replace")
-        path, _, name = text.rsplit(":", 2)
-        key = name.rsplit("/", 1)[-1].split(".", 1)[0]
+        path, key = _source(row)
         i = self._ids.get((path, key))
         if i is None:
             raise DataError(f"DALI read sample '{key}' of {path}, which the index of split "

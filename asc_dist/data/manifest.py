@@ -190,13 +190,24 @@ def load_split(root: str | os.PathLike, split: str) -> SplitIndex:
 _noted: set[Path] = set()  # split dirs already reported as carrying no digests (one note each)
 
 
-def repack_hint(split_dir: Path, manifest: dict | None = None) -> str:
+def pack_command(split_dirs: list[Path]) -> str:
+    """The ``pack`` command that rewrites these splits (of one root), with the dataset path their
+    manifest recorded (``DATASET`` when it has none)."""
+    source = "DATASET"
+    try:
+        settings = json.loads((split_dirs[0] / "manifest.json").read_text()).get("settings") or {}
+        source = settings.get("source") or source
+    except (OSError, ValueError, AttributeError):
+        pass
+    return (f"python -m asc_dist.pack {source} {split_dirs[0].parent} --splits "
+            f"{','.join(d.name for d in split_dirs)} --overwrite")
+
+
+def repack_hint(split_dir: Path) -> str:
     """How to check and repack the split in ``split_dir`` (for the end of an error message)."""
-    root = split_dir.parent
-    source = ((manifest or {}).get("settings") or {}).get("source") or "DATASET"
-    return (f"check it with 'python -m asc_dist.data verify {root}' and repack with "
-            f"'python -m asc_dist.pack {source} {root} --splits {split_dir.name} --overwrite' "
-            f"(with the options it was packed with), or restore the file")
+    return (f"check it with 'python -m asc_dist.data verify {split_dir.parent}' and repack with "
+            f"'{pack_command([split_dir])}' (with the options it was packed with), or restore "
+            f"the file")
 
 
 def read_digests(split_dir: Path) -> list[tuple[str, str, dict[str, int] | None]] | None:
@@ -243,11 +254,10 @@ def _with_digests(split_dir: Path, shards: list[Shard], samples: list[Sample]) -
         return out
     if split_dir.resolve() not in _noted:
         _noted.add(split_dir.resolve())
-        root = split_dir.parent
         log.warning(f"shards in {split_dir} carry no per-member digests (packed before asc_dist "
                     f"recorded them), so reads cannot be checked for corruption: check the "
-                    f"shards with 'python -m asc_dist.data verify {root}', or repack them "
-                    f"('python -m asc_dist.pack DATASET {root} --overwrite') to add the digests")
+                    f"shards with 'python -m asc_dist.data verify {split_dir.parent}', or repack "
+                    f"them ('{pack_command([split_dir])}') to add the digests")
     return samples
 
 
@@ -262,7 +272,7 @@ def check_member(index: SplitIndex, i: int, ext: str, data) -> None:
         raise DataError(
             f"{index.where(i)}: .{ext} member does not match its {DIGEST} digest in samples.jsonl "
             f"(read {got:016x}, packed {want[ext]:016x}): the shard was damaged or changed after "
-            f"packing; {repack_hint(index.dir, index.manifest)}")
+            f"packing; {repack_hint(index.dir)}")
 
 
 # --------------------------------------------------------------------------- member reads

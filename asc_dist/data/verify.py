@@ -214,6 +214,7 @@ def verify(root: str | os.PathLike, jobs: int = 1, progress: bool = True) -> lis
 
 def run(args) -> int:
     from asc_dist.data import threads_per_process
+    from asc_dist.data.manifest import pack_command
 
     jobs = threads_per_process(args.jobs)
     t0 = time.perf_counter()
@@ -241,9 +242,8 @@ def run(args) -> int:
         bad_splits = [r.dir for r in results if r.problems or any(s.problems for s in r.shards)]
         raise DataError(
             f"{len(problems)} problem(s) in {bad_shards} shard(s) under {args.shards} (listed "
-            f"above): restore those files, or repack with 'python -m asc_dist.pack DATASET "
-            f"{bad_splits[0].parent} --splits {','.join(d.name for d in bad_splits)} --overwrite' "
-            f"(the dataset and options they were packed with)")
+            f"above): restore those files, or repack with '{pack_command(bad_splits)}' (with the "
+            f"options they were packed with)")
     return 0
 
 
