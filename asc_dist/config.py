@@ -80,8 +80,15 @@ class FeaturesConfig:
     clip_seconds: float = positive(10.0)
     # Centred STFT gives 321 frames for 10 s; the paper's 320 is a crop of the last frame.
     frames: int = positive(320)
-    # dB floor: 10*log10(max(power, 10**(floor_db/10))).
+    # Mel filterbank: slaney (librosa's default, the 2018 recipe) or htk scale; slaney (area)
+    # normalisation of each filter or none (torchaudio's default, the DCASE 2024 baseline).
+    mel_scale: Literal["slaney", "htk"] = "slaney"
+    mel_norm: Literal["slaney", "none"] = "slaney"
+    # db: 10*log10(max(power, 10**(floor_db/10))); ln: ln(power + log_eps) (the DCASE 2024
+    # baseline's log).
+    log: Literal["db", "ln"] = "db"
     floor_db: float = -100.0
+    log_eps: float = positive(1e-5)
 
 
 @dataclass
@@ -137,21 +144,88 @@ class MixupConfig:
 
 
 @dataclass
+class MixStyleConfig:
+    """Frequency-MixStyle (Schmid et al. 2022): mix per-frequency-bin statistics across a batch."""
+
+    p: float = 0.0  # probability that a batch is mixed; 0 = off
+    alpha: float = positive(0.3)  # Beta(alpha, alpha) mixing weight per instance
+    eps: float = positive(1e-6)
+
+
+@dataclass
+class MaskConfig:
+    """SpecAugment-style masks, one band per count per clip (torchaudio's iid_masks): width
+    uniform in [0, width) bins or frames."""
+
+    count: int = non_negative(0)  # 0 = off
+    width: int = non_negative(0)
+
+
+@dataclass
+class AugmentConfig:
+    """In-batch augmentations on the training device, seeded per step (resumable).
+
+    Order: time roll -> masks -> standardise -> Frequency-MixStyle -> mixup -> model.
+    """
+
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    mixstyle: MixStyleConfig = field(default_factory=MixStyleConfig)
+    freq_mask: MaskConfig = field(default_factory=MaskConfig)
+    time_mask: MaskConfig = field(default_factory=MaskConfig)
+    # Where the masks act: mel_power (before the log, as the DCASE 2024 baseline: a masked bin
+    # reads as log of zero), log_mel (0 on the log-mel, before standardisation) or input (0 on
+    # the network's input, after it).
+    mask_at: Literal["mel_power", "log_mel", "input"] = "mel_power"
+    # Roll each clip along time by a uniform integer shift in [-s, s] seconds (in frames); 0 = off.
+    roll_seconds: float = non_negative(0.0)
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from an ensemble of teachers (asc_dist.distill).
+
+    loss = (1 - weight) * task loss + weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+    CPJKU's kd_lambda weights the label loss instead: their 0.02 is weight=0.98 here.
+    """
+
+    teachers: list[str] = field(default_factory=list)  # teacher checkpoints (.pt or run dirs)
+    weight: float = non_negative(0.0)
+    temperature: float = positive(2.0)
+    # The ensemble's logits for the training split; null = beside the split, keyed by the
+    # teachers and the split, built by all ranks when missing (python -m asc_dist.distill logits).
+    logits: str | None = None
+
+
+@dataclass
+class ComplexityConfig:
+    # dcase2024: warn when the model exceeds DCASE 2024 task 1's limits (128,000 B of parameters
+    # at `precision`, 30 M MACs per clip)
+    limits: Literal["none", "dcase2024"] = "none"
+    precision: Literal["fp32", "fp16", "int8"] = "fp16"
+
+
+@dataclass
 class OptimConfig:
-    name: Literal["adabound", "adam", "sgd"] = "adabound"
+    name: Literal["adabound", "adam", "adamw", "sgd"] = "adabound"
     lr: float = positive(1e-3)
     final_lr: float = positive(0.1)
     gamma: float = positive(1e-3)  # AdaBound's bound convergence speed
     weight_decay: float = non_negative(0.0)
     momentum: float = 0.9  # sgd only
+    # step: lr x decay_factor every decay_every iterations (the paper); cosine: to 0 at the last
+    # iteration (transformers' get_cosine_schedule_with_warmup, as the DCASE 2024 baseline)
+    schedule: Literal["step", "cosine"] = "step"
     decay_every: int = positive(200)
     decay_factor: float = positive(0.9)
-    warmup_iters: int = non_negative(0)
+    warmup_iters: int = non_negative(0)  # linear warm-up
 
 
 @dataclass
 class TrainConfig:
     max_iters: int = positive(5000)
+    # > 0: train this many epochs of the training split instead (max_iters = epochs x steps per
+    # epoch, fixed at start-up from the split's size, the world size and global_batch)
+    epochs: int = non_negative(0)
     global_batch: int = positive(64)
     eval_every: int = positive(500)
     ckpt_every: int = positive(500)
@@ -173,6 +247,10 @@ class WandbConfig:
     project: str = "asc-dist"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+    # W&B's grouping for sweeps: runs of one group (a Table I row's seeds, a distillation
+    # experiment) are drawn together; job_type says the run's part (row, teacher, student)
+    group: str | None = None
+    job_type: str | None = None
     log_images: int = non_negative(4)
     # seconds; an unreachable server then means "W&B off", not a hang
     init_timeout: float = non_negative(30.0)
@@ -188,7 +266,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    mixup: MixupConfig = field(default_factory=MixupConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    complexity: ComplexityConfig = field(default_factory=ComplexityConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -235,8 +315,22 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
             f"train.global_batch={cfg.train.global_batch} is not divisible by the world size "
             f"{world_size}"
         )
-    if cfg.mixup.enabled and not cfg.mixup.alpha > 0:
-        raise ConfigError(f"mixup.alpha={cfg.mixup.alpha}: must be > 0 when mixup.enabled")
+    mixup = cfg.augment.mixup
+    if mixup.enabled and not mixup.alpha > 0:
+        raise ConfigError(f"augment.mixup.alpha={mixup.alpha}: must be > 0 when augment.mixup.enabled")
+    if not 0 <= cfg.augment.mixstyle.p <= 1:
+        raise ConfigError(f"augment.mixstyle.p={cfg.augment.mixstyle.p}: must be in [0, 1]")
+    for axis, size in (("freq_mask", f.n_mels), ("time_mask", f.frames)):
+        m = getattr(cfg.augment, axis)
+        if m.count > 0 and not 0 < m.width <= size:
+            raise ConfigError(f"augment.{axis}.width={m.width}: must be in [1, {size}] when "
+                              f"augment.{axis}.count={m.count}")
+    d = cfg.distill
+    if not d.weight <= 1:
+        raise ConfigError(f"distill.weight={d.weight}: must be in [0, 1]")
+    if d.weight > 0 and not d.teachers and d.logits is None:
+        raise ConfigError(f"distill.weight={d.weight} needs teachers: set distill.teachers="
+                          f"[ckpt, ...] (or distill.logits=FILE)")
     alpha = cfg.loss.alpha
     if isinstance(alpha, (list, ListConfig)):
         if len(alpha) != cfg.num_classes:
@@ -256,7 +350,31 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.resize={list(cfg.model.resize)}: must be [height, width] > 0")
 
 
+# Keys that moved, old -> new: a YAML or override using the old one is refused naming the new
+# one; a saved config (a checkpoint's, read by from_dict) is carried over.
+MOVED = {"mixup": "augment.mixup"}
+
+
+def _moved(d: Any, source: str) -> None:
+    if isinstance(d, (dict, DictConfig)):
+        for old, new in MOVED.items():
+            if old in d:
+                keys = [f"{old}.{k}" for k in d[old]] if isinstance(d[old], (dict, DictConfig)) else [old]
+                raise ConfigError(f"{source}: {keys[0]} is now {new}{keys[0][len(old):]} "
+                                  f"(the in-batch augmentations live under augment.)")
+
+
+def _carry_over(d: dict) -> dict:
+    d = dict(d)
+    for old, new in MOVED.items():
+        if old in d:
+            parent, leaf = new.split(".")
+            d[parent] = {**d.get(parent, {}), leaf: d.pop(old)}
+    return d
+
+
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    _moved(other, source)
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as e:
@@ -306,7 +424,7 @@ def to_dict(cfg: DictConfig) -> dict:
 
 def from_dict(d: dict) -> DictConfig:
     """Rebuild a typed config from a saved dict (e.g. one stored in a checkpoint)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), d)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), _carry_over(d))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

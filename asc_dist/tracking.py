@@ -150,6 +150,8 @@ class Tracker:
                 resume="allow",
                 name=cfg.name,
                 tags=list(wcfg.tags) or None,
+                group=wcfg.group,  # runs of one sweep (a row's seeds) drawn together
+                job_type=wcfg.job_type,
                 config=OmegaConf.to_container(cfg, resolve=True),
                 dir=str(self.run_dir),
                 mode=wcfg.mode,  # fixed before init; never switched after a failure

@@ -129,7 +129,7 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
         standardize=Standardize(*stats).to(env.device) if stats is not None else torch.nn.Identity(),
         model=model,
         loss_fn=build_loss(cfg.loss, len(classes)).to(env.device),
-        mixup=Mixup.from_config(cfg.mixup, len(classes)),
+        mixup=Mixup.from_config(cfg.augment.mixup, len(classes)),
         optimizer=optimizer,
         scheduler=build_scheduler(cfg.optim, optimizer),
         autocast=autocast(cfg.train.precision, env.device),

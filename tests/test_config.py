@@ -19,7 +19,7 @@ def test_defaults_are_the_paper():
     assert (f.sample_rate, f.n_fft, f.win_length, f.hop_length, f.n_mels) == (48000, 2048, 2048, 1500, 64)
     assert (f.f_min, f.f_max, f.frames) == (50.0, 24000.0, 320)
     assert cfg.model.name == "resnet50" and cfg.model.pretrained == "imagenet"
-    assert cfg.loss.name == "focal" and cfg.mixup.enabled and cfg.mixup.alpha == 0.3
+    assert cfg.loss.name == "focal" and cfg.augment.mixup.enabled and cfg.augment.mixup.alpha == 0.3
     o = cfg.optim
     assert (o.name, o.lr, o.final_lr, o.decay_every, o.decay_factor) == ("adabound", 1e-3, 0.1, 200, 0.9)
     assert cfg.train.max_iters == 5000 and cfg.train.global_batch == 64

@@ -176,7 +176,7 @@ def test_faithful_comparison_rows():
     assert (base.optim.name, base.optim.lr, base.optim.decay_factor) == ("adam", 1e-3, 1.0)
     assert base.train.global_batch == 16 and base.train.max_iters == 200 * (6122 // 16)
     se = config.load(["conf/experiment/seresnet.yaml"])
-    assert se.model.name == "seresnet50" and se.loss.name == "ce" and not se.mixup.enabled
+    assert se.model.name == "seresnet50" and se.loss.name == "ce" and not se.augment.mixup.enabled
     assert table1.row_of(config.to_dict(se)) == "seresnet" and table1.row_of(config.to_dict(base)) == "baseline"
 
 

@@ -58,7 +58,8 @@ def assert_no_secret(run_dir):
 def test_offline_run_holds_config_history_and_summary(tmp_path):
     run_dir = tmp_path / "run"
     tracker = Tracker(
-        make_cfg(run_dir, "wandb.mode=offline", "wandb.tags=[unit,test]"), run_dir, enabled=True
+        make_cfg(run_dir, "wandb.mode=offline", "wandb.tags=[unit,test]", "wandb.group=kd-sweep",
+                 "wandb.job_type=student"), run_dir, enabled=True
     )
     run_id = tracker.run_id
     assert run_id
@@ -73,6 +74,7 @@ def test_offline_run_holds_config_history_and_summary(tmp_path):
     run = read_wandb_file(run_file(run_dir, run_id)[0])
     assert run["run_id"] == run_id
     assert run["project"] == "asc-dist"
+    assert (run["group"], run["job_type"]) == ("kd-sweep", "student")  # W&B groups a sweep's seeds
     assert run["config"]["train"]["max_iters"] == 5000 and run["config"]["name"] == "unit"
     by_step = {}
     for row in run["history"]:

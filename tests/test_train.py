@@ -233,7 +233,7 @@ def test_config_errors_fail_before_any_process_group(packed_shards, tmp_path, cl
 def test_non_finite_loss_stops_with_the_step(packed_shards, tmp_path, cli):
     p = cli(train.main, SMOKE + overrides(packed_shards, tmp_path / "run", "optim.name=sgd",
                                           "optim.lr=1e30", "train.max_iters=20",
-                                          "mixup.enabled=false", "loss.name=ce"))
+                                          "augment.mixup.enabled=false", "loss.name=ce"))
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert re.search(r"non-finite loss \(\w+\) in steps? \d+(-\d+)?", p.stderr), p.stderr[-3000:]
 

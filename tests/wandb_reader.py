@@ -53,7 +53,7 @@ def _put(target: dict, item) -> None:
 
 
 def read_wandb_file(path: str | Path, wait_s: float = 60.0) -> dict:
-    """``run-<id>.wandb`` -> {"run_id", "project", "config", "history": [{...}], "summary"}.
+    """``run-<id>.wandb`` -> {"run_id", "project", "group", "job_type", "config", "history": [{...}], "summary"}.
 
     ``run.finish()`` can return before wandb's separate core process has flushed the file (seen in
     CI under load: only the header on disk), so wait up to ``wait_s`` for the run's exit record.
@@ -81,6 +81,7 @@ def _collect(records) -> dict:
         kind = r.WhichOneof("record_type")
         if kind == "run":
             out["run_id"], out["project"] = r.run.run_id, r.run.project
+            out["group"], out["job_type"] = r.run.run_group, r.run.job_type
             for item in r.run.config.update:
                 _put(out["config"], item)
         elif kind == "config":

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asc_dist.cli import command
+from asc_dist.config import MOVED
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,25 @@ def run_name(row: Row, seed: int) -> str:
 
 
 def config_value(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
+    """``dotted``'s value in a saved config dict; a run saved before a key moved
+    (config.MOVED, e.g. mixup -> augment.mixup) answers under its old name."""
+    def lookup(key: str) -> Any:
+        v: Any = d
+        for part in key.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        return v
+
+    value = lookup(dotted)
+    for old, new in MOVED.items():
+        if value is None and dotted.startswith(new + "."):
+            value = lookup(old + dotted[len(new):])
+    return value
 
 
 def row_of(cfg: dict) -> str | None:
     """Which Table I row a run's config is: by model, loss and mixup (None: not a Table I row)."""
     model, loss = config_value(cfg, "model.name") or "", config_value(cfg, "loss.name")
-    mixup = bool(config_value(cfg, "mixup.enabled"))
+    mixup = bool(config_value(cfg, "augment.mixup.enabled"))
     if model == "dcase_baseline":
         return "baseline"
     if model.startswith("seresnet"):

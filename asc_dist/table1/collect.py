@@ -63,7 +63,7 @@ def read_run(run_dir: str | Path) -> dict:
     rec.update(
         name=cfg.get("name"), row=row_of(cfg), seed=config_value(cfg, "train.seed"),
         model=config_value(cfg, "model.name"), pretrained=config_value(cfg, "model.pretrained"),
-        loss=config_value(cfg, "loss.name"), mixup=bool(config_value(cfg, "mixup.enabled")),
+        loss=config_value(cfg, "loss.name"), mixup=bool(config_value(cfg, "augment.mixup.enabled")),
         max_iters=config_value(cfg, "train.max_iters"),
         shared={k: config_value(cfg, k) for k in (*SHARED_ALL, *SHARED_ABLATION)}, wandb=_wandb(run_dir, cfg),
     )

@@ -59,7 +59,9 @@ def jobs(args: argparse.Namespace) -> list[Job]:
         for seed in args.seeds:
             name = run_name(row, seed)
             run_dir = Path(args.runs_root) / name
-            fixed = [f"name={name}", f"run_dir={run_dir}", f"train.seed={seed}"]
+            # W&B draws a row's seeds as one group (its spread), each run a "row" job
+            fixed = [f"name={name}", f"run_dir={run_dir}", f"train.seed={seed}",
+                     f"wandb.group=table1-{row.key}", "wandb.job_type=row"]
             fixed += [f"data.shards={args.shards}"] if args.shards else []
             fixed += ["resume=never"] if getattr(args, "fresh", False) else []
             extra = [*REDUCED, *row.reduced] if reduced else []
