@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # Bytes per parameter at the precisions the challenge rules talk about.
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1}
+# DCASE 2024 task 1: at most 128 kB of parameter memory and 30 M MACs per 1-s clip.
+LIMITS = {"dcase2024": {"param_bytes": 128_000, "macs_per_second": 30_000_000}}
 
 
 @dataclass
@@ -138,6 +140,32 @@ def count(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> Complex
                       macs=sum(layer.macs for layer in layers), layers=layers)
 
 
+def over_limits(c: Complexity, limits: str, precision: str, clip_seconds: float) -> list[str]:
+    """What exceeds ``complexity.limits`` (none: nothing), in words; MACs are per second of
+    audio (the rules count a 1-s clip)."""
+    if limits == "none":
+        return []
+    lim, out = LIMITS[limits], []
+    nbytes = c.param_bytes[precision]
+    if nbytes > lim["param_bytes"]:
+        out.append(f"{nbytes:,} B of parameters at {precision} > {lim['param_bytes']:,} B")
+    per_s = c.macs / clip_seconds
+    if per_s > lim["macs_per_second"]:
+        out.append(f"{per_s:,.0f} MACs per second of audio > {lim['macs_per_second']:,}")
+    return out
+
+
+def for_run(model: nn.Module, cfg) -> tuple[Complexity, dict, list[str]]:
+    """The configured model's counts on the configured input: (counts, report.json entry,
+    limit violations)."""
+    f = cfg.features
+    c = count(model, [1, 1, int(f.n_mels), int(f.frames)])
+    problems = over_limits(c, cfg.complexity.limits, cfg.complexity.precision, float(f.clip_seconds))
+    entry = {**c.to_dict(), "clip_seconds": float(f.clip_seconds), "limits": cfg.complexity.limits,
+             "precision": cfg.complexity.precision, "within_limits": not problems}
+    return c, entry, problems
+
+
 def format_layers(c: Complexity) -> str:
     """A per-layer table (layers with neither parameters nor MACs left out) and its sum."""
     rows = [(layer.name, layer.kind, str(layer.input), f"{layer.params:,}", f"{layer.macs:,}")
@@ -186,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     shape = [1, 1, int(cfg.features.n_mels), int(cfg.features.frames)]
     log.info("counting %s (%d classes) on input %s", cfg.model.name, cfg.num_classes, shape)
     c = count(model, shape)
+    problems = over_limits(c, cfg.complexity.limits, cfg.complexity.precision,
+                           float(cfg.features.clip_seconds))
+    for problem in problems:
+        log.warning("complexity.limits=%s exceeded: %s", cfg.complexity.limits, problem)
     if args.json:
-        out = c.to_dict(layers=args.layers)
-        out["model"] = cfg.model.name
+        out = {**c.to_dict(layers=args.layers), "model": cfg.model.name,
+               "limits": cfg.complexity.limits, "over_limits": problems}
         print(json.dumps(out, indent=2))
         return 0
     print(format_summary(c, cfg.model.name))

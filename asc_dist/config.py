@@ -364,7 +364,7 @@ def _moved(d: Any, source: str) -> None:
                                   f"(the in-batch augmentations live under augment.)")
 
 
-def _carry_over(d: dict) -> dict:
+def carry_over(d: dict) -> dict:
     d = dict(d)
     for old, new in MOVED.items():
         if old in d:
@@ -424,7 +424,7 @@ def to_dict(cfg: DictConfig) -> dict:
 
 def from_dict(d: dict) -> DictConfig:
     """Rebuild a typed config from a saved dict (e.g. one stored in a checkpoint)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), _carry_over(d))
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), carry_over(d))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

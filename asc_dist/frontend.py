@@ -1,11 +1,26 @@
-"""The paper's log-mel front end in torch: fixed-length mono clip -> [1, n_mels, frames] in dB.
+"""The log-mel front end in torch: fixed-length mono clip -> [1, n_mels, frames] log mel power.
 
-Settings (all from ``cfg.features``) follow Ye et al.: Hann 2048 / hop 1500 power STFT, 64 mel bands
+Defaults (``cfg.features``) follow Ye et al.: Hann 2048 / hop 1500 power STFT, 64 mel bands
 50 Hz-24 kHz, 10*log10. This implementation matches DALI's graph (asc_dist.data.dali) and librosa
 to well under 0.01 dB because every library default that differs is pinned: centred frames with
-reflect padding, Slaney mel scale with Slaney (area) normalisation, the torch Hann window, an
-absolute dB reference of 1.0 and a floor of ``floor_db``. A centred 10 s clip gives 321 frames;
-``frames`` (320, the paper's count) crops the last one.
+reflect padding, the torch (periodic) Hann window, power 2, an absolute dB reference of 1.0 and a
+floor of ``floor_db``. A centred 10 s clip gives 321 frames; ``frames`` (320, the paper's count)
+crops the last one.
+
+Options (each one equal in both backends, tests/test_frontend_options.py):
+
+* ``mel_scale``: ``slaney`` (librosa's default; linear below 1 kHz) or ``htk``
+  (2595*log10(1 + f/700), torchaudio's default). Triangles are built in Hz between mel-spaced
+  edges on both sides.
+* ``mel_norm``: ``slaney`` (each triangle scaled to unit area, 2/(f_hi - f_lo)) or ``none``
+  (peak 1, torchaudio's default).
+* ``log``: ``db`` = 10*log10(max(power, 10**(floor_db/10))) or ``ln`` = ln(power + log_eps).
+
+The DCASE 2024 task 1 baseline (CPJKU) is ``mel_scale=htk mel_norm=none log=ln log_eps=1e-5``
+with 32 kHz, n_fft 4096, win 3072, hop 500, 256 mels, 0-16000 Hz: torchaudio's MelSpectrogram
+with its defaults, then ``(x + 1e-5).log()``. Frames added past the clip's own (``frames`` above
+what the clip gives) hold "silence", the log of zero power (:func:`log_zero`): ``floor_db`` for
+db, ln(log_eps) for ln.
 
 Torch only: the model's side of the pipeline (export embeds these modules), apart from audio
 decoding (asc_dist.audio) and the data sources that feed it (asc_dist.data).
@@ -44,34 +59,72 @@ def hann_window(n: int) -> torch.Tensor:
     return torch.hann_window(n, periodic=True, dtype=torch.float32)
 
 
+def options(cfg_features: Any) -> tuple[str, str, str]:
+    """(mel_scale, mel_norm, log) of the features, checked (a config built without the schema,
+    e.g. an old saved one, gets the defaults for keys it lacks)."""
+    f = cfg_features
+    opts = (str(getattr(f, "mel_scale", "slaney")), str(getattr(f, "mel_norm", "slaney")),
+            str(getattr(f, "log", "db")))
+    for name, value, allowed in zip(("mel_scale", "mel_norm", "log"), opts,
+                                    (("slaney", "htk"), ("slaney", "none"), ("db", "ln"))):
+        if value not in allowed:
+            raise ValueError(f"features.{name}={value!r}: expected one of {', '.join(allowed)}")
+    return opts
+
+
+def log_eps(cfg_features: Any) -> float:
+    """``features.log_eps`` (the ln option's offset)."""
+    return float(getattr(cfg_features, "log_eps", 1e-5))
+
+
 class LogMel(nn.Module):
-    """wave [B, L] (or [L]) float -> [B, 1, n_mels, frames] float32 dB, on whatever device it lives."""
+    """wave [B, L] (or [L]) float -> [B, 1, n_mels, frames] float32 log mel power (dB or ln, per
+    ``features.log``), on whatever device it lives."""
 
     def __init__(self, cfg_features: Any):
         super().__init__()
         f = cfg_features
+        mel_scale, mel_norm, log = options(f)
         self.num_samples = clip_samples(f)
         self.frames = int(f.frames)
+        self.log_kind = log
         self.floor_db = float(f.floor_db)
+        self.log_eps = log_eps(f)
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=int(f.sample_rate), n_fft=int(f.n_fft), win_length=int(f.win_length),
             hop_length=int(f.hop_length), f_min=float(f.f_min), f_max=float(f.f_max),
             n_mels=int(f.n_mels), window_fn=torch.hann_window, power=2.0, center=True,
-            pad_mode="reflect", norm="slaney", mel_scale="slaney",
+            pad_mode="reflect", norm="slaney" if mel_norm == "slaney" else None, mel_scale=mel_scale,
         )
+        self.silence = log_zero(f)  # what padding past the clip's frames holds
+
+    def log(self, power: torch.Tensor) -> torch.Tensor:
+        """Mel power -> its log per ``features.log`` (elementwise; zero power -> ``silence``)."""
+        if self.log_kind == "ln":
+            return torch.log(power + self.log_eps)
+        return 10.0 * torch.log10(torch.clamp(power, min=10.0 ** (self.floor_db / 10.0)))
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if wave.dim() == 1:
             wave = wave.unsqueeze(0)
         wave = fix_length(wave.float(), self.num_samples)
         power = self.mel(wave)  # [B, n_mels, frames+1]
-        db = 10.0 * torch.log10(torch.clamp(power, min=10.0 ** (self.floor_db / 10.0)))
-        t = db.shape[-1]
+        out = self.log(power)
+        t = out.shape[-1]
         if t > self.frames:
-            db = db[..., : self.frames]
-        elif t < self.frames:  # only if config allows more frames than the clip gives
-            db = nn.functional.pad(db, (0, self.frames - t), value=self.floor_db)
-        return db.unsqueeze(1).contiguous()
+            out = out[..., : self.frames]
+        elif t < self.frames:  # the config check refuses this; a config built without it may not
+            out = nn.functional.pad(out, (0, self.frames - t), value=self.silence)
+        return out.unsqueeze(1).contiguous()
+
+
+def log_zero(cfg_features: Any) -> float:
+    """The features' value for zero mel power ("silence"): ``floor_db`` for log=db, ln(log_eps)
+    (as float32 computes it) for log=ln. Whatever pads frames or masks bins as silence uses it."""
+    _, _, log = options(cfg_features)
+    if log == "ln":
+        return float(torch.log(torch.zeros(1) + log_eps(cfg_features))[0])
+    return float(cfg_features.floor_db)
 
 
 class Standardize(nn.Module):

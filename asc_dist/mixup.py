@@ -66,6 +66,15 @@ class Mixup:
         return cls(num_classes, alpha=cfg_mixup.alpha, enabled=cfg_mixup.enabled,
                    per_sample=cfg_mixup.per_sample)
 
+    def mix_targets(self, t: torch.Tensor) -> torch.Tensor:
+        """Another ``[B, C]`` target (a teacher's probabilities) mixed exactly like the labels of
+        the last call: the same permutation and weights; unchanged when mixup is off."""
+        if not self.enabled:
+            return t
+        lam = torch.as_tensor(self.last_lam, dtype=torch.float32, device=t.device)
+        lam = lam.reshape(-1, 1) if lam.dim() else lam
+        return lam * t + (1 - lam) * t[self.last_perm.to(t.device)]
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if y.dim() != 1 or y.shape[0] != x.shape[0]:

@@ -1,5 +1,7 @@
 """Models: torchvision ResNets and timm SE-ResNets adapted to 1-channel log-mels, the DCASE
-2018 baseline CNN and the DCASE 2024 task 1 baseline (``cp_mobile``, a simplified CP-Mobile).
+2018 baseline CNN, the DCASE 2024 task 1 baseline (``cp_mobile``, a simplified CP-Mobile) and
+any timm architecture by name (``timm:<name>``, e.g. ``timm:efficientnet_b0``, as a student or
+a teacher).
 
 Input is ``[B, 1, n_mels, T]`` float, output ``[B, num_classes]`` logits; any ``T`` works
 because every model ends in adaptive pooling.
@@ -371,6 +373,10 @@ def _timm(name: str, m: ModelConfig, num_classes: int, resize) -> nn.Module:
     return SpecTimm(name, num_classes, m.input_adapt, resize)
 
 
+def _timm_any(name: str, m: ModelConfig, num_classes: int, resize) -> nn.Module:
+    return SpecTimm(name.removeprefix(TIMM), num_classes, m.input_adapt, resize)
+
+
 def _dcase_baseline(name: str, m: ModelConfig, num_classes: int, resize) -> nn.Module:
     return DcaseBaseline(num_classes, resize)
 
@@ -389,7 +395,9 @@ MODELS: dict[str, Builder] = {
     "cp_mobile": _cp_mobile,
 }
 # Families named by a prefix (``prefix:<name>``), resolved by their builder at build time.
-PREFIXED: dict[str, Builder] = {}
+# timm:<name>: any timm architecture (``timm.list_models()``), 1-channel stem, random init.
+TIMM = "timm:"
+PREFIXED: dict[str, Builder] = {TIMM: _timm_any}
 
 
 def _builder(name: str) -> Builder:
@@ -405,6 +413,15 @@ def _builder(name: str) -> Builder:
 def check_model(cfg_model: ModelConfig) -> None:
     """What the config layer cannot check about ``model``: a known name, weights that exist."""
     _builder(cfg_model.name)
+    if cfg_model.name.startswith(TIMM):
+        import timm
+
+        arch = cfg_model.name.removeprefix(TIMM)
+        if not timm.is_model(arch):
+            near = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+            raise ConfigError(f"model.name={cfg_model.name!r}: timm {timm.__version__} has no model "
+                              f"{arch!r}" + (f"; similar: {', '.join(near)}" if near else
+                                             " (python -c 'import timm; print(timm.list_models())')"))
     if cfg_model.pretrained == "imagenet" and cfg_model.name not in RESNETS:
         raise ConfigError(f"model.pretrained=imagenet: there are no ImageNet weights for "
                           f"model.name={cfg_model.name}; use model.pretrained=none or a path")

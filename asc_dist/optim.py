@@ -1,8 +1,14 @@
-"""Optimisers (AdaBound, Adam, SGD) and the step-decay schedule with optional linear warmup.
+"""Optimisers (AdaBound, Adam, AdamW, SGD) and the learning-rate schedules.
 
-The schedule is stepped once per iteration and is closed form, so it is exact at any
-iteration and after a resume:  lr(it) = lr0 * warmup(it) * decay_factor ** (it // decay_every),
-warmup(it) = min(1, (it + 1) / warmup_iters) (1 when warmup_iters = 0).
+Schedules are stepped once per iteration and are closed form, so they are exact at any
+iteration and after a resume:
+
+* ``step`` (the 2018 paper): lr(it) = lr0 * warmup(it) * decay_factor ** (it // decay_every),
+  warmup(it) = min(1, (it + 1) / warmup_iters) (1 when warmup_iters = 0).
+* ``cosine`` (the DCASE 2024 baseline's ``transformers.get_cosine_schedule_with_warmup``, as
+  written there): it / warmup_iters during the warm-up (0 at the first step), then
+  0.5 * (1 + cos(pi * progress)) with progress = (it - warmup) / (max_iters - warmup), reaching
+  0 at the last iteration.
 
 AdaBound (Luo et al.) clips Adam's per-element step size to [lower(t), upper(t)], bounds that
 both converge to final_lr * lr / base_lr; base_lr is the lr the optimiser was built with, so an
@@ -112,12 +118,15 @@ def bounds(final_lr: float, gamma: float, step: int) -> tuple[float, float]:
 
 
 def build_optimizer(cfg_optim: OptimConfig, params: Iterable) -> torch.optim.Optimizer:
-    """``cfg.optim``: adabound (lr, final_lr, gamma, weight_decay) | adam | sgd (momentum)."""
+    """``cfg.optim``: adabound (lr, final_lr, gamma, weight_decay) | adam | adamw (decoupled
+    weight decay) | sgd (momentum)."""
     o = cfg_optim
     if o.name == "adabound":
         return AdaBound(params, lr=o.lr, final_lr=o.final_lr, gamma=o.gamma, weight_decay=o.weight_decay)
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
@@ -130,15 +139,29 @@ def lr_factor(it: int, decay_every: int = 200, decay_factor: float = 0.9,
     return factor
 
 
-def build_scheduler(cfg_optim: OptimConfig, optimizer: torch.optim.Optimizer) -> LRScheduler:
-    """Per-iteration step decay (+ warmup). Call ``scheduler.step()`` after each optimizer step.
+def cosine_factor(it: int, max_iters: int, warmup_iters: int = 0) -> float:
+    """transformers' get_cosine_schedule_with_warmup (num_cycles 0.5) at iteration ``it``."""
+    if it < warmup_iters:
+        return it / max(1, warmup_iters)
+    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_scheduler(cfg_optim: OptimConfig, optimizer: torch.optim.Optimizer,
+                    max_iters: int | None = None) -> LRScheduler:
+    """Per-iteration schedule (``optim.schedule``). Call ``scheduler.step()`` after each
+    optimizer step; ``max_iters`` is the run's length (the cosine's end).
 
     A LambdaLR over a plain function: its state_dict holds only counters (weights_only-safe),
     and the schedule itself always comes from the current config.
     """
     o = cfg_optim
+    if o.schedule == "cosine" and not max_iters:
+        raise ValueError("optim.schedule=cosine needs the run's length (max_iters)")
 
     def factor(it: int) -> float:
+        if o.schedule == "cosine":
+            return cosine_factor(it, max_iters, o.warmup_iters)
         return lr_factor(it, o.decay_every, o.decay_factor, o.warmup_iters)
 
     return LambdaLR(optimizer, factor)

@@ -53,7 +53,7 @@ def checkpoint_config(state: dict, overrides: Sequence[str] = (), *, path: str |
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"checkpoint {path} has no 'config' (not written by asc_dist.train?)")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(config_lib.Config), state["config"])
+        cfg = OmegaConf.merge(OmegaConf.structured(config_lib.Config), config_lib.carry_over(state["config"]))
     except OmegaConfBaseException as e:
         raise CheckpointError(f"checkpoint {path}: its config does not fit this version's schema: "
                               f"{str(e).splitlines()[0]}") from None

@@ -1,7 +1,9 @@
 """Train the recipe: ``torchrun --nproc_per_node=N -m asc_dist.train [conf/x.yaml ...] [key=value ...]``.
 
-Also runs as a single plain process (``python -m asc_dist.train``). Iteration-based like the paper:
-batches -> standardise -> mixup -> model (DDP) -> loss -> optimizer step -> lr schedule, with
+Also runs as a single plain process (``python -m asc_dist.train``). Iteration-based like the paper
+(or ``train.epochs`` of the training split): batches -> augment (roll, masks) -> standardise ->
+augment (Frequency-MixStyle) -> mixup -> model (DDP) -> loss (+ distillation from cached
+teacher logits) -> optimizer step -> lr schedule, with
 evaluation every ``train.eval_every`` iterations and checkpoints every ``train.ckpt_every``, at the
 end, and when a stop signal arrives. ``resume=auto`` continues from the run dir's latest checkpoint.
 
@@ -23,14 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from asc_dist import atomic, dist, plots
+from asc_dist import atomic, complexity, dist, plots
 from asc_dist import config as config_lib
+from asc_dist.augment import Augment
 from asc_dist.checkpoint import Checkpointer, check_compatible, rng_state, set_rng_state
 from asc_dist.cli import EXIT_ERROR, EXIT_STOPPED, command
 from asc_dist.data import build_source
 from asc_dist.data.manifest import load_split
+from asc_dist.data.sharding import train_steps
+from asc_dist.distill import TeacherTargets, kd_loss, targets_for_run, teacher_probs
 from asc_dist.data.stats import load_or_compute_stats
 from asc_dist.errors import ConfigError, RunLockedError, TrainingDiverged, UserError
 from asc_dist.frontend import Standardize
@@ -40,6 +45,7 @@ from asc_dist.mixup import Mixup
 from asc_dist.model import autocast, build_model, prepare_model, pretrained_file
 from asc_dist.optim import build_optimizer, build_scheduler
 from asc_dist.progress import Progress
+from asc_dist.restore import resolve_checkpoint
 from asc_dist.runlock import RunLock
 from asc_dist.tracking import Tracker, check_credentials, read_metrics
 from asc_dist.validate import evaluate, sample_groups, write_report
@@ -67,9 +73,12 @@ class Parts:
     model: torch.nn.Module
     loss_fn: torch.nn.Module
     mixup: Mixup
+    augment: Augment
+    teacher: TeacherTargets | None  # distill.teachers' logits by sample key
     optimizer: torch.optim.Optimizer
     scheduler: Any
     autocast: Any
+    complexity: dict | None  # report.json's entry (rank 0)
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -77,6 +86,8 @@ def preflight(cfg: DictConfig) -> None:
     for split in (cfg.data.train_split, cfg.data.test_split):
         load_split(cfg.data.shards, split)
     pretrained_file(cfg.model)
+    for teacher in cfg.distill.teachers:  # a typo in a path fails now, not after the data work
+        resolve_checkpoint(teacher)
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
     check_credentials(cfg)
@@ -115,10 +126,13 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
         dist.barrier()
         if not env.is_main:
             stats = load_or_compute_stats(cfg, device=env.device, progress=False, features=resident)
+    teacher = targets_for_run(cfg, env, per_rank)
     # Seeded here, after the data work (loaders draw from the global RNG): identical initial
     # weights on every rank, whether or not this run had to compute the feature statistics.
     torch.manual_seed(cfg.train.seed)
-    model = prepare_model(build_model(cfg.model, len(classes)), cfg.model, env.device)
+    model = build_model(cfg.model, len(classes))
+    counts = log_complexity(cfg, model) if env.is_main else None
+    model = prepare_model(model, cfg.model, env.device)
     model = dist.wrap_model(model, env, sync_bn=cfg.train.sync_bn,
                             grad_compress=cfg.train.grad_compress)
     if cfg.model.compile:  # after the DDP wrap, so DDP's hooks see the compiled graph's breaks
@@ -130,10 +144,25 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
         model=model,
         loss_fn=build_loss(cfg.loss, len(classes)).to(env.device),
         mixup=Mixup.from_config(cfg.augment.mixup, len(classes)),
+        augment=Augment.from_config(cfg),
+        teacher=teacher,
         optimizer=optimizer,
-        scheduler=build_scheduler(cfg.optim, optimizer),
+        scheduler=build_scheduler(cfg.optim, optimizer, cfg.train.max_iters),
         autocast=autocast(cfg.train.precision, env.device),
+        complexity=counts,
     )
+
+
+def log_complexity(cfg: DictConfig, model: torch.nn.Module) -> dict:
+    """The model's parameters, memory and MACs per clip in the log's first lines (and a warning
+    over ``complexity.limits``); returns report.json's entry."""
+    c, entry, problems = complexity.for_run(model, cfg)
+    b = c.param_bytes
+    log.info(f"model {cfg.model.name}: {c.params:,} parameters ({b['fp32']:,} B fp32, "
+             f"{b['fp16']:,} B fp16, {b['int8']:,} B int8), {c.macs:,} MACs per clip {c.input}")
+    for problem in problems:
+        log.warning(f"complexity.limits={cfg.complexity.limits}: {problem}")
+    return entry
 
 
 def checkpoint_state(cfg: DictConfig, p: Parts, step: int, best: float, wandb_id: str | None) -> dict:
@@ -167,13 +196,21 @@ def resume(cfg: DictConfig, p: Parts, ckpt: Checkpointer, is_main: bool) -> tupl
     return state["step"], state["best_metric"], state.get("wandb_id")
 
 
-def train_step(p: Parts, batch, mix_gen: torch.Generator, grad_clip: float) -> torch.Tensor:
+def train_step(p: Parts, batch, mix_gen: torch.Generator, aug_gen: torch.Generator,
+               cfg: DictConfig) -> torch.Tensor:
     """One optimizer step; returns the loss as a device tensor (reading it would synchronise)."""
-    x = p.standardize(batch.features)  # features stay float32: only the network runs in bf16
+    # features stay float32: only the network runs in bf16
+    x = p.augment.before_standardize(batch.features, aug_gen)
+    x = p.augment.after_standardize(p.standardize(x), aug_gen)
     x, y = p.mixup(x, batch.labels, generator=mix_gen)
     with p.autocast:
         logits = p.model(x)
     loss = p.loss_fn(logits, y)
+    if p.teacher is not None:
+        w, t = cfg.distill.weight, cfg.distill.temperature
+        target = p.mixup.mix_targets(teacher_probs(p.teacher(batch.keys), t))
+        loss = (1 - w) * loss + w * kd_loss(logits, target, t)
+    grad_clip = cfg.train.grad_clip
     p.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -216,6 +253,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
         groups = sample_groups(cfg, cfg.data.test_split)
         stop = dist.StopSignal(env)
         mix_gen = torch.Generator(device=env.device)
+        aug_gen = torch.Generator(device=env.device)
         loss_sum, since = torch.zeros((), device=env.device), start + 1
         step, report, preds, stopping = start, {}, None, False
         batches = epochs_from(p.train_src, start) if start < tc.max_iters else iter(())
@@ -224,8 +262,10 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
                 n = cfg.wandb.log_images
                 tracker.log_images(step, batch.features[:n],
                                    [p.classes[i] for i in batch.labels[:n].tolist()])
-            mix_gen.manual_seed(tc.seed * 1_000_003 + env.rank * 100_003 + step)  # reproducible on resume
-            loss_sum += train_step(p, batch, mix_gen, tc.grad_clip)
+            # per step, so a resumed run draws what the uninterrupted one drew
+            mix_gen.manual_seed(tc.seed * 1_000_003 + env.rank * 100_003 + step)
+            aug_gen.manual_seed(tc.seed * 1_000_033 + env.rank * 100_019 + step + 7_919)
+            loss_sum += train_step(p, batch, mix_gen, aug_gen, cfg)
             stopping = stop.agreed()  # the same step on every rank
             if progress.due(step) or stopping:  # a stop logs its partial window too
                 window = progress.window(step, loss=mean_loss(loss_sum, since, step),
@@ -278,6 +318,8 @@ def finish(cfg: DictConfig, env: dist.DistEnv, p: Parts, run_dir: Path, start: i
                  f"(resume=never or a new name= starts over)")
         return
     if step >= cfg.train.max_iters and report:
+        if p.complexity is not None:
+            report = {**report, "complexity": p.complexity}
         write_report(run_dir, report, p.classes, step, preds)
         log.info(format_report(report, p.classes))
     curves = plots.plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "curves.png",
@@ -303,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_lib.load(argv, world_size=dist.env_world_size())
     try:
         preflight(cfg)
+        cfg = resolve_epochs(cfg, dist.env_world_size())
     except UserError:
         if dist.env_rank() != 0:  # every rank finds the same problem: rank 0 says it once
             return EXIT_ERROR
@@ -321,6 +364,25 @@ def main(argv: list[str] | None = None) -> int:
         dist.teardown()
     # Stopped early by a signal with a checkpoint written: not done, rerun (or requeue) to resume.
     return 0 if done else EXIT_STOPPED
+
+
+def resolve_epochs(cfg: DictConfig, world_size: int) -> DictConfig:
+    """``train.epochs`` > 0: ``train.max_iters`` = epochs x the training split's steps per epoch
+    (its size, the world size and train.global_batch fix it before anything starts)."""
+    if cfg.train.epochs == 0:
+        return cfg
+    n = load_split(cfg.data.shards, cfg.data.train_split).num_samples
+    steps = train_steps(n, cfg.train.global_batch // world_size, world_size)
+    if steps == 0:
+        raise ConfigError(f"train.epochs={cfg.train.epochs}: split '{cfg.data.train_split}' has "
+                          f"{n} clips, fewer than one global batch ({cfg.train.global_batch})")
+    iters = cfg.train.epochs * steps
+    if dist.env_rank() == 0:
+        log.info(f"train.epochs={cfg.train.epochs} x {steps} steps per epoch ({n} clips, global "
+                 f"batch {cfg.train.global_batch}) = {iters} iterations")
+    resolved = OmegaConf.merge(cfg, {"train": {"max_iters": iters}})
+    OmegaConf.set_readonly(resolved, True)
+    return resolved
 
 
 def leave_together(env: dist.DistEnv) -> None:

@@ -9,7 +9,7 @@ import torch
 from asc_dist import config
 from asc_dist.config import OptimConfig
 from asc_dist.errors import ConfigError
-from asc_dist.optim import AdaBound, bounds, build_optimizer, build_scheduler, lr_factor
+from asc_dist.optim import AdaBound, bounds, build_optimizer, build_scheduler, cosine_factor, lr_factor
 
 
 def _problem(seed=0):
@@ -106,12 +106,49 @@ def test_warmup_is_linear_then_step_decay():
         config.load(["optim.decay_every=0"])
 
 
-@pytest.mark.parametrize("name", ["adabound", "adam", "sgd"])
-def test_resume_mid_run_equals_uninterrupted(name):
-    cfg = OptimConfig(name=name, lr=1e-2, weight_decay=1e-4, decay_every=4, warmup_iters=3)
+def test_cosine_with_warmup_is_the_published_schedule():
+    """transformers.get_cosine_schedule_with_warmup (the DCASE 2024 baseline's), by its formula:
+    it/warmup while warming up (0 at the first step), then half a cosine to 0 at the end."""
+    warm, total = 4, 12
+    got = [cosine_factor(i, total, warm) for i in range(total + 1)]
+    assert got[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for i in range(warm, total + 1):
+        assert math.isclose(got[i], 0.5 * (1 + math.cos(math.pi * (i - warm) / (total - warm))),
+                            abs_tol=1e-15)
+    assert got[-1] == 0.0 and all(a >= b for a, b in zip(got[warm:], got[warm + 1:]))
+    cfg = OptimConfig(name="adamw", lr=0.005, weight_decay=1e-4, schedule="cosine", warmup_iters=warm)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer(cfg, [p])
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 1e-4
+    sched = build_scheduler(cfg, opt, max_iters=total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.005 * g for g in got[:total]], rel=1e-12, abs=1e-18)
+    with pytest.raises(ValueError, match="max_iters"):
+        build_scheduler(cfg, opt)
+
+
+def test_adamw_decays_weights_apart_from_the_gradient():
+    """AdamW's decoupled decay: with a zero gradient the weights shrink by lr * wd per step."""
+    cfg = OptimConfig(name="adamw", lr=0.1, weight_decay=0.5)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(cfg, [p])
+    p.grad = torch.zeros(3)
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((3,), 1 - 0.1 * 0.5))
+
+
+@pytest.mark.parametrize("name,schedule", [("adabound", "step"), ("adam", "step"), ("sgd", "step"),
+                                           ("adamw", "cosine")])
+def test_resume_mid_run_equals_uninterrupted(name, schedule):
+    cfg = OptimConfig(name=name, lr=1e-2, weight_decay=1e-4, decay_every=4, warmup_iters=3,
+                      schedule=schedule)
     params, loss_fn = _problem(2)
     opt = build_optimizer(cfg, params)
-    sched = build_scheduler(cfg, opt)
+    sched = build_scheduler(cfg, opt, max_iters=12)
     _run(opt, params, loss_fn, 7, sched)
     buf = io.BytesIO()
     torch.save({"params": [p.detach() for p in params], "optim": opt.state_dict(),
@@ -125,7 +162,7 @@ def test_resume_mid_run_equals_uninterrupted(name):
         for p, saved in zip(params2, ckpt["params"]):
             p.copy_(saved)
     opt2 = build_optimizer(cfg, params2)  # rebuilt with the original lr, then loaded
-    sched2 = build_scheduler(cfg, opt2)
+    sched2 = build_scheduler(cfg, opt2, max_iters=12)
     opt2.load_state_dict(ckpt["optim"])
     sched2.load_state_dict(ckpt["sched"])
     resumed = _run(opt2, params2, loss_fn2, 5, sched2)
@@ -158,7 +195,7 @@ def test_build_optimizer_kinds_and_bad_name():
     assert isinstance(build_optimizer(OptimConfig(name="adam"), p), torch.optim.Adam)
     sgd = build_optimizer(OptimConfig(name="sgd", momentum=0.5), p)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
-    with pytest.raises(ConfigError, match=r"optim\.name.*'lamb'.*'adabound', 'adam', 'sgd'"):
+    with pytest.raises(ConfigError, match=r"optim\.name.*'lamb'.*'adabound', 'adam', 'adamw', 'sgd'"):
         config.load(["optim.name=lamb"])
 
 

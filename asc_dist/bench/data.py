@@ -69,8 +69,12 @@ def _librosa_sample(sample: dict, f, num_samples: int) -> tuple[torch.Tensor, in
     power = librosa.feature.melspectrogram(
         y=wave, sr=int(f.sample_rate), n_fft=int(f.n_fft), win_length=int(f.win_length),
         hop_length=int(f.hop_length), window="hann", center=True, pad_mode="reflect", power=2.0,
-        n_mels=int(f.n_mels), fmin=float(f.f_min), fmax=float(f.f_max), htk=False, norm="slaney")
-    db = 10.0 * np.log10(np.maximum(power, 10.0 ** (float(f.floor_db) / 10.0)))[:, : int(f.frames)]
+        n_mels=int(f.n_mels), fmin=float(f.f_min), fmax=float(f.f_max), htk=f.mel_scale == "htk",
+        norm="slaney" if f.mel_norm == "slaney" else None)
+    if f.log == "ln":
+        db = np.log(power + float(f.log_eps))[:, : int(f.frames)]
+    else:
+        db = 10.0 * np.log10(np.maximum(power, 10.0 ** (float(f.floor_db) / 10.0)))[:, : int(f.frames)]
     return torch.from_numpy(db[None].astype(np.float32)), int(sample["cls"])
 
 

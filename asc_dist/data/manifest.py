@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,15 +193,21 @@ _noted: set[Path] = set()  # split dirs already reported as carrying no digests 
 
 def pack_command(split_dirs: list[Path]) -> str:
     """The ``pack`` command that rewrites these splits (of one root), with the dataset path their
-    manifest recorded (``DATASET`` when it has none)."""
-    source = "DATASET"
-    try:
-        settings = json.loads((split_dirs[0] / "manifest.json").read_text()).get("settings") or {}
-        source = settings.get("source") or source
-    except (OSError, ValueError, AttributeError):
-        pass
+    manifest recorded (``DATASET`` when it has none) and the split lists they were selected by
+    (``--train-list``: without it a repack would hold the whole fold, not the subset)."""
+    source, lists = "DATASET", []
+    for i, d in enumerate(split_dirs):
+        try:
+            settings = json.loads((d / "manifest.json").read_text()).get("settings") or {}
+            if i == 0:
+                source = settings.get("source") or source
+            chosen = settings.get("split_list")
+            if chosen:
+                lists.append(f" {chosen['option']} {shlex.quote(chosen['path'])}")
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            pass
     return (f"python -m asc_dist.pack {source} {split_dirs[0].parent} --splits "
-            f"{','.join(d.name for d in split_dirs)} --overwrite")
+            f"{','.join(d.name for d in split_dirs)}{''.join(lists)} --overwrite")
 
 
 def repack_hint(split_dir: Path) -> str:

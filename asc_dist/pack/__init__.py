@@ -1,9 +1,10 @@
 """Pack an audio dataset folder into WebDataset tar shards with DALI index files.
 
 ``python -m asc_dist.pack DATASET OUT_DIR`` (asc_dist.pack.cli) reads a TUT 2018 / TAU
-2019-2020 layout or a plain CSV (layouts.py), from the unpacked folder or straight from the
-dataset's zip parts (zips.py: nothing extracted, the same shards), and writes, per split,
-``OUT_DIR/<split>/``::
+2019-2020 / TAU 2022 layout or a plain CSV (layouts.py), from the unpacked folder or straight from
+the dataset's zip parts (zips.py: nothing extracted, the same shards), optionally keeping only the
+files a split list names (``train_list``/``test_list``: DCASE 2024's split25.csv ...), and writes,
+per split, ``OUT_DIR/<split>/``::
 
     <split>-000000.tar   GNU tar; per sample <key>.wav, <key>.cls, <key>.i32, <key>.json (writer.py)
     <split>-000000.idx   DALI index (the format of DALI's wds2idx)
@@ -30,6 +31,7 @@ refused unless ``overwrite``, which replaces it atomically per split.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -48,7 +50,14 @@ from asc_dist import atomic, audio
 from asc_dist.digest import member_digests
 from asc_dist.errors import PackError
 from asc_dist.pack import manifest, zips
-from asc_dist.pack.layouts import Entry, SplitPlan, check_lists, parse_classes, plan_splits
+from asc_dist.pack.layouts import (
+    Entry,
+    SplitPlan,
+    check_lists,
+    parse_classes,
+    plan_splits,
+    select_listed,
+)
 from asc_dist.pack.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -60,9 +69,13 @@ __all__ = ["PackError", "PackOptions", "pack"]
 class PackOptions:
     """Everything ``pack`` can be told; the CLI's options map onto these one to one."""
 
-    layout: str = "auto"  # auto | tut2018 | tau2019 | csv
+    layout: str = "auto"  # auto | tut2018 | tau2019 | tau2022 | csv
     fold: int = 1
     csv_path: str | None = None  # the list for layout csv (default: the one *.csv)
+    # Keep only the train / test files these lists name (on disk, or a path inside the dataset),
+    # e.g. DCASE 2024 task 1's split25.csv; recorded in that split's manifest.
+    train_list: str | None = None
+    test_list: str | None = None
     split: str | None = None  # split name for csv / unlabelled folders
     only: tuple[str, ...] | None = None  # pack only these splits (one per SLURM array task)
     classes: str | list[str] | None = None  # comma list, text file or manifest.json
@@ -203,6 +216,10 @@ def pack(dataset_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
         labels = {m["scene_label"] for m in meta.values() if m.get("scene_label")}
         classes = sorted(labels or {e.label for sp in splits for e in sp.entries if e.label is not None})
     check_lists(splits, classes, meta)
+    # After the checks and the classes, which stay the whole dataset's: a 5 % subset may lack a
+    # class, and its model must still have the dataset's outputs.
+    listed = {split: select_listed(source, splits, split, spec, meta, f"--{split}-list")
+              for split, spec in (("train", o.train_list), ("test", o.test_list)) if spec}
     if o.only:  # after the checks above, so every subset gets the same class list
         unknown = sorted(set(o.only) - {sp.name for sp in splits})
         if unknown:
@@ -212,6 +229,7 @@ def pack(dataset_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     for sp in splits:  # before any decoding: a refusal should not cost the hours of a pack
         if (out / sp.name).exists() and not o.overwrite:
             raise PackError(f"{out / sp.name} already exists; pass --overwrite to replace it")
+        _note_list_change(out / sp.name, listed.get(sp.name))
     workers = o.workers or os.cpu_count() or 1
     settings = {
         "layout": layout, "fold": o.fold, "seed": o.seed, "shard_size_mb": o.shard_size_mb,
@@ -229,7 +247,8 @@ def pack(dataset_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
         with ExitStack() as stack:
             for sp in splits:
                 staged = stack.enter_context(atomic.staged_dir(out / sp.name, overwrite=True))
-                manifests[sp.name], t = _write_split(sp, staged, classes, meta, o, settings, pool)
+                split_settings = {**settings, "split_list": listed.get(sp.name)}
+                manifests[sp.name], t = _write_split(sp, staged, classes, meta, o, split_settings, pool)
                 for k in totals:
                     totals[k] += t[k]
     finally:
@@ -242,12 +261,32 @@ def pack(dataset_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     return manifests
 
 
+def _list_name(record: dict | None) -> str:
+    if not record:
+        return "no split list"
+    return f"{record['option']} {record['path']} (sha256 {record['sha256'][:12]})"
+
+
+def _note_list_change(split_dir: Path, now: dict | None) -> None:
+    """Warn when a split about to be replaced was packed from another split list (or none): a
+    repack that forgot --train-list would silently turn a subset into the whole fold."""
+    try:
+        before = json.loads((split_dir / "manifest.json").read_text())["settings"].get("split_list")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # nothing there, or not a manifest: nothing to compare with
+    if (before or {}).get("sha256") != (now or {}).get("sha256"):
+        log.warning(f"{split_dir} was packed from {_list_name(before)}; it is now packed from "
+                    f"{_list_name(now)}")
+
+
 def _summary(manifests: dict[str, dict], totals: dict, out: Path, dt: float, workers: int) -> None:
     for name, m in manifests.items():
         for s in m["skipped"]:
             log.warning(f"skipped {s['file']}: {s['reason']}")
+        chosen = m["settings"].get("split_list")
         log.info(f"{name}: {m['num_samples']} samples in {len(m['shards'])} shards -> {out / name}"
-                 + (f" ({len(m['skipped'])} skipped)" if m["skipped"] else ""))
+                 + (f" ({len(m['skipped'])} skipped)" if m["skipped"] else "")
+                 + (f", selected by {chosen['name']}" if chosen else ""))
     log.info(f"packed {totals['clips']} clips in {dt:.1f} s: {totals['clips'] / dt:.1f} clips/s, "
              f"{totals['source_bytes'] / dt / 1e6:.1f} MB/s read, "
              f"{totals['out_bytes'] / dt / 1e6:.1f} MB/s written (workers={workers})")

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m asc_dist.pack",
         description=(
-            "Pack an audio dataset (TUT 2018 / TAU 2019-2020 layout, or a CSV list) into "
+            "Pack an audio dataset (TUT 2018 / TAU 2019-2020 / TAU 2022 layout, or a CSV list) into "
             "WebDataset tar shards with DALI index files and a manifest per split. Zip parts (as "
             "DCASE ships them) are read in place, with nothing extracted, and give the same "
             "shards as their unpacked folder. Existing "
@@ -37,10 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir", metavar="OUT_DIR", help="output root; splits go to OUT_DIR/<split>/")
     ap.add_argument("--layout", choices=LAYOUTS, default=d.layout,
                     help="tut2018: fold<k>_train/evaluate.txt (no fold files -> unlabelled 'eval' split); "
-                    "tau2019: fold<k>_*.csv with header; csv: filename,label list")
+                    "tau2019: fold<k>_*.csv with header; tau2022: the same, 1-s clips with "
+                    "six-part names (TAU 2022 Mobile); csv: filename,label list")
     ap.add_argument("--fold", type=int, default=d.fold)
     ap.add_argument("--csv", dest="csv_path", help="CSV list for --layout csv (default: the one *.csv in DATASET; with zips also a "
                     "path inside them)")
+    ap.add_argument("--train-list", metavar="LIST",
+                    help="keep only the train files LIST names (a file on disk, else a path inside "
+                    "the dataset; header row naming 'filename', optionally 'scene_label'), e.g. "
+                    "DCASE 2024 task 1's split25.csv; every file it names must be in the train split "
+                    "(the fold's train list); recorded (path, sha256) in train/manifest.json")
+    ap.add_argument("--test-list", metavar="LIST",
+                    help="the same for the test split (e.g. DCASE 2024's test.csv; default: the "
+                    "fold's whole evaluate list)")
     ap.add_argument("--split", help="split name for csv / unlabelled folders (default train / eval)")
     ap.add_argument("--splits", help="comma list: pack only these splits (e.g. one per array task); "
                     "default all")

@@ -4,11 +4,16 @@
   ``fold<k>_evaluate.txt``, tab-separated without header, plus ``meta.csv``); a folder without
   fold files is the unlabelled ``eval`` split (leaderboard / evaluation sets).
 * ``tau2019``: TAU 2019/2020 (the same with ``.csv`` fold files that have a header row).
+* ``tau2022``: TAU 2022 Mobile (1-s clips with six-part names), read exactly as ``tau2019``; the
+  name only records which dataset was packed (auto-detected from the names in the fold files).
 * ``csv``: one list with a header naming ``filename`` and optionally ``scene_label``/``label``.
 
 The dataset's files are read through a :class:`DatasetSource`, by their path relative to the
 dataset's top folder: an unpacked folder (:class:`FolderSource`) or the zip parts a dataset ships
 as (asc_dist.pack.zips.ZipSource), so both are planned and checked by the same code.
+
+A split list (``--train-list``/``--test-list``, e.g. DCASE 2024 task 1's ``split25.csv``) keeps
+only the files it names of one split: :func:`select_listed`.
 
 Every problem names the list file and line.
 """
@@ -16,6 +21,7 @@ Every problem names the list file and line.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -29,10 +35,15 @@ from asc_dist.errors import PackError
 if TYPE_CHECKING:
     from asc_dist.pack.zips import Member
 
-LAYOUTS = ("auto", "tut2018", "tau2019", "csv")
-# <scene>-<city>-<location>-<segment>-<device>, e.g. airport-barcelona-0-0-a, tram-vienna-3-17-s2
+LAYOUTS = ("auto", "tut2018", "tau2019", "tau2022", "csv")
+CSV_FOLDS = ("tau2019", "tau2022")  # the layouts whose fold files are .csv with a header row
+# <scene>-<city>-<location>-<segment>[-<index>]-<device>: TUT 2018 / TAU 2019-2020 have five parts
+# (airport-barcelona-0-0-a, tram-vienna-3-17-s2); TAU 2022 Mobile cut each 10-s segment into 1-s
+# clips numbered by <index> (airport-lisbon-1000-40000-0-a). A device is never all digits, so a
+# five-part name never reads as six.
 TUT_NAME = re.compile(
-    r"^(?P<scene>[a-z_]+)-(?P<city>[a-z]+)-(?P<loc>\d+)-(?P<seg>\d+)-(?P<device>[a-z0-9]+)$"
+    r"^(?P<scene>[a-z_]+)-(?P<city>[a-z]+)-(?P<loc>\d+)-(?P<seg>\d+)(?:-(?P<index>\d+))?"
+    r"-(?P<device>[a-z0-9]+)$"
 )
 META_HEADER = ["filename", "scene_label", "identifier", "source_label"]
 SETUP = "evaluation_setup"
@@ -226,10 +237,23 @@ def _csv_lists(src: DatasetSource) -> list[str]:
     return [f for f in src.glob("", "*.csv") if f != "meta.csv"]
 
 
+def _first_listed(src: DatasetSource, rel: str) -> str:
+    """The first file a fold list (with header) names, "" when there is none."""
+    try:
+        with src.open_text(rel) as f:
+            f.readline()
+            return f.readline().split("\t", 1)[0].strip()
+    except (OSError, UnicodeDecodeError):
+        return ""  # plan_splits reads it again and names the problem
+
+
 def detect_layout(dataset: Path | DatasetSource, fold: int = 1) -> str:
     src = as_source(dataset)
-    if src.is_file(f"{SETUP}/fold{fold}_train.csv") or src.is_file(f"{SETUP}/fold{fold}_evaluate.csv"):
-        return "tau2019"
+    folds = [f"{SETUP}/fold{fold}_{s}.csv" for s in ("train", "evaluate")]
+    if any(src.is_file(f) for f in folds):
+        first = _first_listed(src, next(f for f in folds if src.is_file(f)))
+        m = TUT_NAME.match(PurePosixPath(first).stem)
+        return "tau2022" if m and m["index"] is not None else "tau2019"
     if src.is_file(f"{SETUP}/fold{fold}_train.txt") or src.is_dir("audio"):
         return "tut2018"
     if _csv_lists(src):
@@ -256,8 +280,8 @@ def plan_splits(
     src = as_source(dataset)
     if layout == "auto":
         layout = detect_layout(src, fold)
-    meta = _read_meta(src) if layout in ("tut2018", "tau2019") else {}
-    if layout in ("tut2018", "tau2019"):
+    meta = _read_meta(src) if layout in ("tut2018", *CSV_FOLDS) else {}
+    if layout in ("tut2018", *CSV_FOLDS):
         ext = "txt" if layout == "tut2018" else "csv"
         train_f, eval_f = f"{SETUP}/fold{fold}_train.{ext}", f"{SETUP}/fold{fold}_evaluate.{ext}"
         if not src.is_file(train_f) and not src.is_file(eval_f):
@@ -266,7 +290,7 @@ def plan_splits(
             if others:
                 raise PackError(f"{src.locate(SETUP)}: no fold{fold} files (found {', '.join(others)}); "
                                 "check --fold")
-            if layout == "tau2019":
+            if layout in CSV_FOLDS:
                 raise PackError(f"{src.locate(SETUP)}: fold{fold}_train.csv / fold{fold}_evaluate.csv "
                                 "not found")
             return layout, [SplitPlan(split or "eval", _audio_folder(src), False)], meta
@@ -360,3 +384,66 @@ def check_lists(splits: list[SplitPlan], classes: list[str], meta: dict[str, dic
                         f"{e.where}: label '{e.label}' of {e.filename} disagrees with meta.csv "
                         f"('{m}')"
                     )
+
+
+def _locate_list(src: DatasetSource, spec: str | Path, option: str) -> tuple[DatasetSource, str, str]:
+    """(where the list is read from, its path there, the path to record): a file on disk first
+    (DCASE 2024's split files are downloaded beside the dataset, not into it), else a path inside
+    the dataset (its folder or its zips)."""
+    p = Path(spec)
+    if p.is_file():
+        return FolderSource(p.parent), p.name, str(p.resolve())
+    rel = PurePosixPath(spec).as_posix()
+    if src.is_file(rel):
+        return src, rel, rel
+    raise PackError(f"{option} {spec}: list not found, neither on disk nor in the dataset "
+                    f"({src.locate(rel)})")
+
+
+def select_listed(src: DatasetSource, splits: list[SplitPlan], split: str, spec: str | Path,
+                  meta: dict[str, dict], option: str) -> dict:
+    """Keep only the files of split ``split`` that the list ``spec`` names (a header row naming
+    'filename', optionally 'scene_label': DCASE 2024 task 1's split5.csv ... split100.csv,
+    test.csv), in place. The split itself becomes the subset, so whatever is later derived from
+    it (feature statistics, caches, teacher logits) belongs to the subset alone.
+
+    Every named file must be in that split: a file the dataset lacks, one of another split, a
+    repeated file, a label disagreeing with meta.csv (else with the fold list) or a list naming
+    nothing is an error naming the list and line. Returns what the split's manifest records.
+    """
+    plan = next((sp for sp in splits if sp.name == split), None)
+    if plan is None:
+        raise PackError(f"{option} {spec}: this dataset has no '{split}' split (it has "
+                        f"{', '.join(sp.name for sp in splits)})")
+    lists, rel, recorded = _locate_list(src, spec, option)
+    where = lists.locate(rel)
+    listed, _ = _read_table(lists, rel, src)
+    if not listed:
+        raise PackError(f"{where}:1: names no files: the '{split}' split would be empty")
+    mine = {e.filename: e for e in plan.entries}
+    elsewhere = {e.filename: sp.name for sp in splits if sp is not plan for e in sp.entries}
+    first: dict[str, str] = {}
+    kept = []
+    for e in listed:
+        if e.filename in first:
+            raise PackError(f"{e.where}: duplicate filename {e.filename} (first listed at "
+                            f"{first[e.filename]})")
+        first[e.filename] = e.where
+        have = mine.get(e.filename)
+        if have is None:
+            if e.filename in elsewhere:
+                why = f"is in the '{elsewhere[e.filename]}' split, not in '{split}'"
+            elif e.filename in meta or (not meta and src.is_file(e.filename)):
+                why = f"is in the dataset but not in its '{split}' split"
+            else:
+                why = "is not in the dataset" + (" (not in meta.csv)" if meta else "")
+            raise PackError(f"{e.where}: {e.filename} {why}")
+        truth = meta.get(e.filename, {}).get("scene_label")
+        truth, source = (truth, "meta.csv") if truth else (have.label, have.where)
+        if e.label is not None and truth is not None and e.label != truth:
+            raise PackError(f"{e.where}: label '{e.label}' of {e.filename} disagrees with "
+                            f"{source} ('{truth}')")
+        kept.append(have)  # as the fold list gave it: later messages name the fold line
+    plan.entries = kept
+    return {"option": option, "path": recorded, "name": PurePosixPath(rel).name,
+            "sha256": hashlib.sha256(lists.read_bytes(rel)).hexdigest(), "files": len(kept)}
