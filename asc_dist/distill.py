@@ -43,8 +43,8 @@ from omegaconf import OmegaConf
 from asc_dist import atomic, dist
 from asc_dist.atomic import NoSpaceError
 from asc_dist.cli import command
-from asc_dist.errors import UserError
 from asc_dist.data.manifest import SplitIndex, load_split, manifest_digest
+from asc_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 

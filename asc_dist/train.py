@@ -35,8 +35,8 @@ from asc_dist.cli import EXIT_ERROR, EXIT_STOPPED, command
 from asc_dist.data import build_source
 from asc_dist.data.manifest import load_split
 from asc_dist.data.sharding import train_steps
-from asc_dist.distill import TeacherTargets, kd_loss, targets_for_run, teacher_probs
 from asc_dist.data.stats import load_or_compute_stats
+from asc_dist.distill import TeacherTargets, kd_loss, targets_for_run, teacher_probs
 from asc_dist.errors import ConfigError, RunLockedError, TrainingDiverged, UserError
 from asc_dist.frontend import Standardize
 from asc_dist.losses import build_loss

@@ -162,3 +162,49 @@ def test_distill_config_errors_name_the_key(tmp_path, cli):
         config.load(["distill.weight=1.5", "distill.teachers=[x]"])
     r = cli(train.main, [SMOKE, "data.shards=/nonexistent", "distill.teachers=[/no/such/run]"])
     assert r.returncode == 2
+
+
+def test_bench_distill_reports_both_arms_with_table1_statistics(tmp_path, cli):
+    from asc_dist import bench
+
+    out = tmp_path / "kd"
+    r = cli(bench.main, ["distill", out, "--seeds", "0,1", "--clips-per-class", "4",
+                         "--teacher-model", "dcase_baseline", "--teacher-iters", "4",
+                         "--student-iters", "4", "--batch", "8", "data.backend=torch"])
+    assert r.returncode == 0, r
+    res = json.loads((out / "results.json").read_text())
+    for arm in ("student", "student_kd"):
+        a = res["arms"][arm]
+        assert a["n"] == 2 and len(a["accuracy"]) == 2 and a["ci95"][0] <= a["mean"] <= a["ci95"][1]
+    d = res["difference"]
+    assert d["n_seeds"] == 2 and d["ci95"][0] <= d["mean_diff"] <= d["ci95"][1]
+    # the KD students really were distilled (from the teacher's logits file beside the split)
+    kd_cfg = (out / "runs" / "student_kd-seed0" / "config.yaml").read_text()
+    assert "weight: 0.98" in kd_cfg and str(out / "runs" / "teacher") in kd_cfg
+    assert list((out / "data" / "shards" / "train").glob("teacher-logits-*.pt"))
+    assert "paired difference (with - without)" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_work_and_write_the_same_logits(teachers, tmp_path, cli):
+    """Under torchrun each rank scores its share and the shares are all-gathered: the file
+    equals a single process's (keys exactly, logits to float rounding)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shards, (t0, _) = teachers
+    root = Path(__file__).resolve().parent.parent
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    assert cli(distill.main, ["logits", t0, "--split", shards / "train", "--out", one]).returncode == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "asc_dist.distill", "logits", str(t0), "--split", str(shards / "train"),
+                        "--out", str(two), "--batch-size", "4", "--device", "cpu"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count('"clips": 20') == 1  # rank 0 reports, once
+    a, b = distill.load(one), distill.load(two)
+    assert a.keys == b.keys
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)

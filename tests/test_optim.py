@@ -9,7 +9,14 @@ import torch
 from asc_dist import config
 from asc_dist.config import OptimConfig
 from asc_dist.errors import ConfigError
-from asc_dist.optim import AdaBound, bounds, build_optimizer, build_scheduler, cosine_factor, lr_factor
+from asc_dist.optim import (
+    AdaBound,
+    bounds,
+    build_optimizer,
+    build_scheduler,
+    cosine_factor,
+    lr_factor,
+)
 
 
 def _problem(seed=0):

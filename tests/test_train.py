@@ -143,8 +143,13 @@ class _StopAt(logging.Handler):
 @pytest.mark.parametrize("cache", ["none", "device"])
 def test_sigterm_then_resume_is_bit_identical_to_uninterrupted(packed_shards, tmp_path, cache, cli):
     steps = 16
+    # with the cached features, every in-batch augmentation on: their per-step draws resume too
+    aug = ["augment.mixstyle.p=0.5", "augment.freq_mask.count=2", "augment.freq_mask.width=8",
+           "augment.time_mask.count=1", "augment.time_mask.width=4", "augment.roll_seconds=0.1",
+           "optim.name=adamw", "optim.schedule=cosine", "optim.warmup_iters=3"] if cache == "device" else []
     args = lambda d: SMOKE + overrides(packed_shards, d, f"train.max_iters={steps}", "train.log_every=1",  # noqa: E731
-                                       "train.ckpt_every=100", "train.eval_every=100", f"data.cache={cache}")
+                                       "train.ckpt_every=100", "train.eval_every=100", f"data.cache={cache}",
+                                       *aug)
     ok(cli(train.main, args(tmp_path / "straight")))
 
     interrupted = tmp_path / "interrupted"

@@ -5,6 +5,7 @@
                                                        DDP scaling, cached vs streamed features
     python -m asc_dist.bench gpu OUT_DIR [...]         a GPU node end to end (launch/gpu_check.sh)
     python -m asc_dist.bench integrity --shards DIR    the cost of the shard-integrity check
+    python -m asc_dist.bench distill OUT_DIR [...]     teacher -> student without/with KD (synthetic)
 
 To add a subcommand: a module here with ``add_parser(subparsers)`` registering its arguments and
 ``set_defaults(func=run)``, listed in :func:`build_parser`.
@@ -46,11 +47,11 @@ def with_values(cfg, values: dict):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from asc_dist.bench import data, gpu, integrity, train
+    from asc_dist.bench import data, distill, gpu, integrity, train
 
     parser = argparse.ArgumentParser(prog="python -m asc_dist.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, train, gpu, integrity):
+    for module in (data, train, gpu, integrity, distill):
         module.add_parser(sub)
     return parser
 
