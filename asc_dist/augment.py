@@ -34,8 +34,9 @@ resumed run then redraws exactly the same augmentations for the same steps, and 
 not depend on how many other random calls ran before. Numbers are drawn on the generator's
 device (CPU or CUDA) and the few of them (B shifts, B x count band ends, B weights and a
 permutation) are moved to x's device; the masking and mixing run on x's device, vectorised
-over the batch. MixStyle's per-batch coin needs its value on the host (``.item()``): a sync
-per step when the generator lives on CUDA, none with a CPU generator.
+over the batch. MixStyle's per-batch coin never goes to the host: the weights and the
+permutation are always drawn and the mixed batch is selected with ``torch.where``, so a step on
+a GPU never waits for it (the mixing costs a few element-wise ops over the batch).
 
 An augmentation that is off draws nothing from the generator and returns ``x`` itself, so a run
 with everything off is bit-identical to one without this module. The last draws are kept in
@@ -44,10 +45,9 @@ with everything off is bit-identical to one without this module. The last draws 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from asc_dist.frontend import log_zero
 from asc_dist.mixup import sample_beta
 
 MASK_AT = ("mel_power", "log_mel", "input")
@@ -62,17 +62,12 @@ def roll_frames(roll_seconds: float, sample_rate: int, hop_length: int) -> int:
     return round(float(roll_seconds) * sample_rate / hop_length)
 
 
-def mask_fill_value(mask_at: str, log: str, floor_db: float, log_eps: float) -> float:
-    """The value a masked entry gets: the log of zero power for mel_power, else 0.0."""
+def mask_fill_value(mask_at: str, cfg_features) -> float:
+    """The value a masked entry gets: the log of zero power (frontend.log_zero) for mel_power,
+    else 0.0."""
     if mask_at not in MASK_AT:
         raise ValueError(f"augment.mask_at={mask_at!r}: must be one of {', '.join(MASK_AT)}")
-    if mask_at != "mel_power":
-        return 0.0
-    if log == "db":
-        return float(floor_db)
-    if log == "ln":
-        return math.log(log_eps)
-    raise ValueError(f"features.log={log!r}: must be db or ln")
+    return log_zero(cfg_features) if mask_at == "mel_power" else 0.0
 
 
 def time_roll(x: torch.Tensor, max_shift: int, generator: torch.Generator | None
@@ -147,7 +142,7 @@ class Augment:
     def __init__(self, cfg_augment, cfg_features):
         a, f = cfg_augment, cfg_features
         self.mask_at = str(a.mask_at)
-        self.fill = mask_fill_value(self.mask_at, str(f.log), float(f.floor_db), float(f.log_eps))
+        self.fill = mask_fill_value(self.mask_at, f)
         if not a.roll_seconds >= 0:
             raise ValueError(f"augment.roll_seconds={a.roll_seconds}: must be >= 0")
         self.max_shift = roll_frames(a.roll_seconds, int(f.sample_rate), int(f.hop_length))
@@ -164,7 +159,7 @@ class Augment:
             raise ValueError(f"augment.mixstyle: alpha={ms.alpha} and eps={ms.eps} must be > 0")
         self.mix_p, self.mix_alpha, self.mix_eps = float(ms.p), float(ms.alpha), float(ms.eps)
         self.last_shifts: torch.Tensor | None = None
-        self.last_mixed: bool | None = None
+        self.last_mixed: torch.Tensor | None = None
         self.last_lam: torch.Tensor | None = None
         self.last_perm: torch.Tensor | None = None
 
@@ -210,20 +205,18 @@ class Augment:
         return x.masked_fill(mask, self.fill)
 
     def mixstyle(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Frequency-MixStyle with probability p (mixed when a uniform draw is <= p, as CPJKU)."""
+        """Frequency-MixStyle with probability p (mixed when a uniform draw is <= p, as CPJKU).
+        Branch-free (see the module doc): ``last_mixed`` is a bool tensor on x's device."""
         if self.mix_p <= 0:
             return x
         gd = _gen_device(generator, x)
-        u = torch.rand((), generator=generator, device=gd).item()
-        self.last_mixed = u <= self.mix_p
-        if not self.last_mixed:
-            self.last_lam = self.last_perm = None
-            return x
+        u = torch.rand((), generator=generator, device=gd)
         b = x.shape[0]
         lam = sample_beta(self.mix_alpha, b, generator, gd)
         perm = torch.randperm(b, generator=generator, device=gd)
+        self.last_mixed = (u <= self.mix_p).to(x.device)
         self.last_lam, self.last_perm = lam, perm
-        return mixstyle_apply(x, lam, perm, self.mix_eps)
+        return torch.where(self.last_mixed, mixstyle_apply(x, lam, perm, self.mix_eps), x)
 
     def before_standardize(self, x: torch.Tensor,
                            generator: torch.Generator | None) -> torch.Tensor:

@@ -185,12 +185,15 @@ class DistillConfig:
     """Knowledge distillation from an ensemble of teachers (asc_dist.distill).
 
     loss = (1 - weight) * task loss + weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
-    CPJKU's kd_lambda weights the label loss instead: their 0.02 is weight=0.98 here.
+    CPJKU's kd_lambda weights the label loss instead: their 0.02 is weight=0.98 here, with
+    class_reduction=mean (their KLDivLoss(reduction="none").mean() averages over the classes too).
     """
 
     teachers: list[str] = field(default_factory=list)  # teacher checkpoints (.pt or run dirs)
     weight: float = non_negative(0.0)
     temperature: float = positive(2.0)
+    # The KL over classes: sum (the divergence itself) or mean (CPJKU's: 1/num_classes of it)
+    class_reduction: Literal["sum", "mean"] = "sum"
     # The ensemble's logits for the training split; null = beside the split, keyed by the
     # teachers and the split, built by all ranks when missing (python -m asc_dist.distill logits).
     logits: str | None = None
@@ -199,7 +202,7 @@ class DistillConfig:
 @dataclass
 class ComplexityConfig:
     # dcase2024: warn when the model exceeds DCASE 2024 task 1's limits (128,000 B of parameters
-    # at `precision`, 30 M MACs per clip)
+    # at `precision`, 30 M MACs per second of audio: a 1-s clip)
     limits: Literal["none", "dcase2024"] = "none"
     precision: Literal["fp32", "fp16", "int8"] = "fp16"
 
@@ -212,8 +215,8 @@ class OptimConfig:
     gamma: float = positive(1e-3)  # AdaBound's bound convergence speed
     weight_decay: float = non_negative(0.0)
     momentum: float = 0.9  # sgd only
-    # step: lr x decay_factor every decay_every iterations (the paper); cosine: to 0 at the last
-    # iteration (transformers' get_cosine_schedule_with_warmup, as the DCASE 2024 baseline)
+    # step: lr x decay_factor every decay_every iterations (the paper); cosine: half a cosine to 0
+    # at train.max_iters (transformers' get_cosine_schedule_with_warmup, the DCASE 2024 baseline)
     schedule: Literal["step", "cosine"] = "step"
     decay_every: int = positive(200)
     decay_factor: float = positive(0.9)
@@ -325,6 +328,10 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
         if m.count > 0 and not 0 < m.width <= size:
             raise ConfigError(f"augment.{axis}.width={m.width}: must be in [1, {size}] when "
                               f"augment.{axis}.count={m.count}")
+    o = cfg.optim
+    if o.schedule == "cosine" and cfg.train.epochs == 0 and o.warmup_iters >= cfg.train.max_iters:
+        raise ConfigError(f"optim.warmup_iters={o.warmup_iters} is not below train.max_iters="
+                          f"{cfg.train.max_iters}: the cosine schedule would never decay")
     d = cfg.distill
     if not d.weight <= 1:
         raise ConfigError(f"distill.weight={d.weight}: must be in [0, 1]")
@@ -359,7 +366,8 @@ def _moved(d: Any, source: str) -> None:
     if isinstance(d, (dict, DictConfig)):
         for old, new in MOVED.items():
             if old in d:
-                keys = [f"{old}.{k}" for k in d[old]] if isinstance(d[old], (dict, DictConfig)) else [old]
+                keys = [f"{old}.{k}" for k in d[old]] if isinstance(d[old], (dict, DictConfig)) else []
+                keys = keys or [old]
                 raise ConfigError(f"{source}: {keys[0]} is now {new}{keys[0][len(old):]} "
                                   f"(the in-batch augmentations live under augment.)")
 
@@ -373,7 +381,8 @@ def carry_over(d: dict) -> dict:
     return d
 
 
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+def merge_config(base: DictConfig, other: Any, source: str) -> DictConfig:
+    """``other`` over ``base``; a moved or unknown key fails naming ``source`` and the key."""
     _moved(other, source)
     try:
         return OmegaConf.merge(base, other)
@@ -398,11 +407,11 @@ def load(args: list[str] | tuple[str, ...] = (), *, world_size: int | None = Non
             loaded = OmegaConf.load(path)
         except Exception as e:  # noqa: BLE001 - yaml errors carry line numbers; keep them
             raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
-        cfg = _merge(cfg, loaded, str(path))
+        cfg = merge_config(cfg, loaded, str(path))
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+")
         try:
-            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+            cfg = merge_config(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
         except ConfigError as e:
             raise ConfigError(f"{e} (override key '{key}')") from None
     try:

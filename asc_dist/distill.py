@@ -18,10 +18,12 @@ missing and looks each batch's teacher logits up by sample key:
 
     loss = (1 - weight) * task loss + weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
-with the KL summed over classes and averaged over the batch. Mixup mixes the teacher's
-probabilities with the same permutation and weights as the labels; Frequency-MixStyle and the
-masks change no targets. CPJKU's ``kd_lambda`` weights the label loss instead: their 0.02 is
-``distill.weight=0.98``.
+with the KL summed over classes (``distill.class_reduction=sum``; ``mean`` divides it by the
+number of classes, as CPJKU's ``KLDivLoss(reduction="none").mean()`` does) and averaged over
+the batch. Mixup mixes the teacher's probabilities with the same permutation and weights as the
+labels; Frequency-MixStyle and the masks change no targets. CPJKU's ``kd_lambda`` weights the
+label loss instead: their 0.02 is ``distill.weight=0.98`` with ``class_reduction=mean``
+(conf/experiment/dcase2024_kd.yaml).
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ class TeacherLogits:
     classes: list[str]
 
 
-def save(path: Path, t: TeacherLogits, teachers: Sequence[dict], manifest: str) -> None:
+def save(path: Path, t: TeacherLogits, teachers: Sequence[dict], manifest: str) -> bool:
+    """Write the file atomically; False (with a warning) when it cannot be written."""
     logits = t.logits.detach().float().cpu().contiguous()
     state = {"version": LOGITS_VERSION, "keys": list(t.keys), "logits": logits,
              "classes": list(t.classes), "teachers": list(teachers), "manifest": manifest,
@@ -89,7 +92,9 @@ def save(path: Path, t: TeacherLogits, teachers: Sequence[dict], manifest: str) 
         with atomic.writing(path, what="teacher logits", need_bytes=logits.numel() * 4) as f:
             torch.save(state, f)
     except (OSError, NoSpaceError) as e:  # read-only dataset storage: this run still has them
-        log.warning("cannot write the teacher logits to %s (%s); they are recomputed next run", path, e)
+        log.warning("cannot write the teacher logits to %s (%s)", path, e)
+        return False
+    return True
 
 
 def load(path: Path, *, manifest: str | None = None, digests: Sequence[str] | None = None
@@ -170,28 +175,36 @@ def compute(teachers: Sequence[str | Path], index: SplitIndex, env: dist.DistEnv
 
 
 def load_or_build(teachers: Sequence[str | Path], index: SplitIndex, env: dist.DistEnv, *,
-                  out: str | Path | None = None, batch_size: int = 64,
-                  progress: bool = True) -> tuple[Path, TeacherLogits]:
+                  out: str | Path | None = None, fallback_dir: str | Path | None = None,
+                  batch_size: int = 64, progress: bool = True) -> tuple[Path, TeacherLogits]:
     """The ensemble's logits for ``index``'s split: the file at ``out`` (default: beside the
     split, keyed by the teachers and the split) when it is current, else computed by all ranks
-    and written by rank 0. Every rank must call this together."""
+    and written by rank 0. ``fallback_dir`` (a run dir) holds the file when the split's storage
+    is read-only, so a resumed run does not recompute it. Every rank must call this together."""
     from asc_dist.restore import resolve_checkpoint
 
     if not teachers:
         raise DistillError("no teacher checkpoints given")
-    paths = [resolve_checkpoint(t) for t in teachers]
-    digests = [file_digest(p) for p in paths]
+    # The mean does not depend on the order the teachers are named in; the file should not either.
+    by_digest = sorted((file_digest(p), p) for p in map(resolve_checkpoint, teachers))
+    digests, paths = [d for d, _ in by_digest], [p for _, p in by_digest]
     manifest = manifest_digest(index.dir)
     path = Path(out) if out is not None else default_path(index.dir, digests, manifest)
-    found = load(path, manifest=manifest, digests=digests)
-    if not dist.any_rank(found is None, env.device):
-        return path, found
+    places = [path] + ([Path(fallback_dir) / path.name] if fallback_dir is not None and out is None else [])
+    for place in places:
+        found = load(place, manifest=manifest, digests=digests)
+        if not dist.any_rank(found is None, env.device):
+            return place, found
     if env.is_main:
         log.info(f"teacher logits: {len(paths)} teacher(s) over split '{index.split}' "
                  f"({index.num_samples} clips) -> {path}")
     table = compute(paths, index, env, batch_size, progress=progress and env.is_main)
     if env.is_main:
-        save(path, table, [{"path": str(p), "digest": d} for p, d in zip(paths, digests)], manifest)
+        record = [{"path": str(p), "digest": d} for p, d in zip(paths, digests)]
+        for place in places:
+            if save(place, table, record, manifest):
+                path = place
+                break
     dist.barrier()
     return path, table
 
@@ -226,18 +239,20 @@ def targets_for_run(cfg: Any, env: dist.DistEnv, batch_size: int) -> TeacherTarg
     index = load_split(cfg.data.shards, cfg.data.train_split)
     if d.teachers:
         path, table = load_or_build(list(d.teachers), index, env, out=d.logits,
-                                    batch_size=batch_size)
+                                    fallback_dir=cfg.run_dir, batch_size=batch_size)
     else:  # a given file without its teachers: it must exist and cover the split
         path = Path(d.logits)
         table = load(path, manifest=None)
-        if table is None:
-            raise DistillError(f"distill.logits={d.logits}: no usable logits file there (give "
-                               f"distill.teachers to build it)")
+        if dist.any_rank(table is None, env.device):  # raised on every rank: none left waiting
+            raise DistillError(f"distill.logits={d.logits}: no usable logits file there (on "
+                               f"every rank; give distill.teachers to build it)")
     return TeacherTargets(table, index, env.device, source=f"teacher logits {path}")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(p_teacher || softmax(student / T)), summed over classes, mean over the batch.
+def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float,
+            class_reduction: str = "sum") -> torch.Tensor:
+    """T^2 * KL(p_teacher || softmax(student / T)), summed (or averaged: ``class_reduction``)
+    over classes, mean over the batch.
 
     ``teacher_probs`` = softmax(teacher logits / T), possibly mixed by mixup. float32 with
     autocast off, as the task losses (asc_dist.losses).
@@ -246,6 +261,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
         log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
         p = teacher_probs.float()
         kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1).mean()
+    if class_reduction == "mean":
+        kl = kl / student_logits.shape[-1]
     return kl * temperature ** 2
 
 

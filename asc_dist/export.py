@@ -143,7 +143,7 @@ def metadata(restored, files: dict[str, str], check: dict) -> dict:
         "front_end": {
             **OmegaConf.to_container(f, resolve=True),
             "window": "hann (periodic)", "power": 2.0, "center": True, "pad_mode": "reflect",
-            "log": ("10*log10(max(power, 10**(floor_db/10))), reference 1.0" if f.log == "db"
+            "log_formula": ("10*log10(max(power, 10**(floor_db/10))), reference 1.0" if f.log == "db"
                     else "ln(power + log_eps)") + "; last frames cropped to 'frames'",
         },
         "standardization": {

@@ -21,7 +21,7 @@ def sample_beta(alpha: float, n: int, generator: torch.Generator | None = None,
                 device: torch.device | str | None = None) -> torch.Tensor:
     """``n`` float64 samples of Beta(alpha, alpha) from ``generator``."""
     if not alpha > 0:
-        raise ValueError(f"mixup.alpha={alpha}: must be > 0")
+        raise ValueError(f"Beta(alpha, alpha) needs alpha > 0, not {alpha}")
     if device is None:
         device = generator.device if generator is not None else "cpu"
     conc = torch.full((2, n), float(alpha), dtype=torch.float64, device=device)
@@ -53,7 +53,7 @@ class Mixup:
     def __init__(self, num_classes: int, alpha: float = 0.3, enabled: bool = True,
                  per_sample: bool = False):
         if enabled and not alpha > 0:
-            raise ValueError(f"mixup.alpha={alpha}: must be > 0 when mixup is enabled")
+            raise ValueError(f"augment.mixup.alpha={alpha}: must be > 0 when mixup is enabled")
         self.num_classes = num_classes
         self.alpha = float(alpha)
         self.enabled = enabled

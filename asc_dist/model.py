@@ -92,7 +92,7 @@ _SpecResNet: type[nn.Module] | None = None
 
 
 class SpecTimm(nn.Module):
-    """A timm model (``seresnet*``: squeeze-and-excitation ResNets) on ``[B, 1, H, W]`` input.
+    """A timm model (``seresnet*`` for Table I, any ``timm:<name>``) on ``[B, 1, H, W]`` input.
 
     ``sum`` builds it with a 1-channel stem (timm's ``in_chans=1``); ``repeat`` keeps the RGB stem
     and repeats the input. Its weights live under ``net.``.
@@ -101,7 +101,7 @@ class SpecTimm(nn.Module):
     def __init__(self, name: str, num_classes: int, input_adapt: str = "sum",
                  resize: tuple[int, int] | None = None):
         super().__init__()
-        import timm  # only the SE-ResNet rows need it
+        import timm  # only timm models need it (its import costs every process a second)
 
         self.input_adapt, self.resize = input_adapt, resize
         self.net = timm.create_model(name, pretrained=False, num_classes=num_classes,

@@ -7,8 +7,8 @@ iteration and after a resume:
   warmup(it) = min(1, (it + 1) / warmup_iters) (1 when warmup_iters = 0).
 * ``cosine`` (the DCASE 2024 baseline's ``transformers.get_cosine_schedule_with_warmup``, as
   written there): it / warmup_iters during the warm-up (0 at the first step), then
-  0.5 * (1 + cos(pi * progress)) with progress = (it - warmup) / (max_iters - warmup), reaching
-  0 at the last iteration.
+  0.5 * (1 + cos(pi * progress)) with progress = (it - warmup) / (max_iters - warmup): 0 at
+  it = max_iters, so the last update (it = max_iters - 1) still takes a small step.
 
 AdaBound (Luo et al.) clips Adam's per-element step size to [lower(t), upper(t)], bounds that
 both converge to final_lr * lr / base_lr; base_lr is the lr the optimiser was built with, so an

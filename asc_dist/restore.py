@@ -65,11 +65,7 @@ def checkpoint_config(state: dict, overrides: Sequence[str] = (), *, path: str |
             raise config_lib.ConfigError(
                 f"override '{item}': {key} is fixed by the checkpoint (the weights were trained "
                 f"with {key}={OmegaConf.select(cfg, key)!r})")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise config_lib.ConfigError(f"override '{item}': bad config key '{key}': "
-                                         f"{str(e).splitlines()[0]}") from None
+        cfg = config_lib.merge_config(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     # World size 1: evaluation does not need train.global_batch to divide the process count.
     config_lib.validate(cfg, world_size=1)
     OmegaConf.set_readonly(cfg, True)

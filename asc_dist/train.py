@@ -34,7 +34,7 @@ from asc_dist.checkpoint import Checkpointer, check_compatible, rng_state, set_r
 from asc_dist.cli import EXIT_ERROR, EXIT_STOPPED, command
 from asc_dist.data import build_source
 from asc_dist.data.manifest import load_split
-from asc_dist.data.sharding import train_steps
+from asc_dist.data.sharding import derive_seed, train_steps
 from asc_dist.data.stats import load_or_compute_stats
 from asc_dist.distill import TeacherTargets, kd_loss, targets_for_run, teacher_probs
 from asc_dist.errors import ConfigError, RunLockedError, TrainingDiverged, UserError
@@ -51,6 +51,8 @@ from asc_dist.tracking import Tracker, check_credentials, read_metrics
 from asc_dist.validate import evaluate, sample_groups, write_report
 
 log = logging.getLogger(__name__)
+
+AUGMENT_STREAM = 0xA46  # the augmentations' draws: a stream of their own, apart from mixup's
 
 
 def epochs_from(source, start_step: int):
@@ -131,7 +133,9 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
     # weights on every rank, whether or not this run had to compute the feature statistics.
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(classes))
-    counts = log_complexity(cfg, model) if env.is_main else None
+    # every rank counts (a model that cannot take the configured input fails on all of them, not
+    # on rank 0 alone while the others wait in DDP's first collective); rank 0 says it
+    counts = log_complexity(cfg, model, announce=env.is_main)
     model = prepare_model(model, cfg.model, env.device)
     model = dist.wrap_model(model, env, sync_bn=cfg.train.sync_bn,
                             grad_compress=cfg.train.grad_compress)
@@ -153,10 +157,12 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
     )
 
 
-def log_complexity(cfg: DictConfig, model: torch.nn.Module) -> dict:
+def log_complexity(cfg: DictConfig, model: torch.nn.Module, announce: bool = True) -> dict:
     """The model's parameters, memory and MACs per clip in the log's first lines (and a warning
     over ``complexity.limits``); returns report.json's entry."""
     c, entry, problems = complexity.for_run(model, cfg)
+    if not announce:
+        return entry
     b = c.param_bytes
     log.info(f"model {cfg.model.name}: {c.params:,} parameters ({b['fp32']:,} B fp32, "
              f"{b['fp16']:,} B fp16, {b['int8']:,} B int8), {c.macs:,} MACs per clip {c.input}")
@@ -207,9 +213,10 @@ def train_step(p: Parts, batch, mix_gen: torch.Generator, aug_gen: torch.Generat
         logits = p.model(x)
     loss = p.loss_fn(logits, y)
     if p.teacher is not None:
-        w, t = cfg.distill.weight, cfg.distill.temperature
-        target = p.mixup.mix_targets(teacher_probs(p.teacher(batch.keys), t))
-        loss = (1 - w) * loss + w * kd_loss(logits, target, t)
+        d = cfg.distill
+        target = p.mixup.mix_targets(teacher_probs(p.teacher(batch.keys), d.temperature))
+        loss = (1 - d.weight) * loss + d.weight * kd_loss(logits, target, d.temperature,
+                                                          d.class_reduction)
     grad_clip = cfg.train.grad_clip
     p.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -264,7 +271,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
                                    [p.classes[i] for i in batch.labels[:n].tolist()])
             # per step, so a resumed run draws what the uninterrupted one drew
             mix_gen.manual_seed(tc.seed * 1_000_003 + env.rank * 100_003 + step)
-            aug_gen.manual_seed(tc.seed * 1_000_033 + env.rank * 100_019 + step + 7_919)
+            aug_gen.manual_seed(derive_seed(tc.seed, env.rank, step, AUGMENT_STREAM))
             loss_sum += train_step(p, batch, mix_gen, aug_gen, cfg)
             stopping = stop.agreed()  # the same step on every rank
             if progress.due(step) or stopping:  # a stop logs its partial window too
@@ -377,6 +384,10 @@ def resolve_epochs(cfg: DictConfig, world_size: int) -> DictConfig:
         raise ConfigError(f"train.epochs={cfg.train.epochs}: split '{cfg.data.train_split}' has "
                           f"{n} clips, fewer than one global batch ({cfg.train.global_batch})")
     iters = cfg.train.epochs * steps
+    if cfg.optim.schedule == "cosine" and cfg.optim.warmup_iters >= iters:
+        raise ConfigError(f"optim.warmup_iters={cfg.optim.warmup_iters} is not below the run's "
+                          f"{iters} iterations (train.epochs={cfg.train.epochs} x {steps}): the "
+                          f"cosine would never decay; lower optim.warmup_iters")
     if dist.env_rank() == 0:
         log.info(f"train.epochs={cfg.train.epochs} x {steps} steps per epoch ({n} clips, global "
                  f"batch {cfg.train.global_batch}) = {iters} iterations")

@@ -43,6 +43,9 @@ def test_kd_loss_is_t2_times_kl_teacher_student():
     got = distill.kd_loss(s, p, T)
     ref = F.kl_div(F.log_softmax(s / T, dim=1), p, reduction="batchmean") * T**2
     assert torch.allclose(got, ref, atol=1e-6)
+    # CPJKU's form: KLDivLoss(reduction="none")(log q, p).mean() * T^2 averages over classes too
+    cpjku = F.kl_div(F.log_softmax(s / T, dim=1), p, reduction="none").mean() * T**2
+    assert torch.allclose(distill.kd_loss(s, p, T, "mean"), cpjku, atol=1e-6)
     # zero exactly where the student's tempered distribution is the teacher's
     assert distill.kd_loss(t.clone(), p, T).abs().item() < 1e-6
     got.backward()  # d/ds = T * (softmax(s/T) - p) / B
@@ -82,8 +85,11 @@ def test_logits_command_writes_the_ensemble_mean_once(teachers, tmp_path, cli):
     assert both["logits"].shape == (index.num_samples, 10) and both["logits"].dtype == torch.float32
     assert torch.allclose(both["logits"], (singles[0].logits + singles[1].logits) / 2)
     assert not torch.allclose(singles[0].logits, singles[1].logits)
-    assert [t["digest"] for t in both["teachers"]] == [
-        distill.file_digest(distill_ckpt(t)) for t in (t0, t1)]
+    # recorded by digest: the same teachers named in another order are the same file
+    assert [t["digest"] for t in both["teachers"]] == sorted(
+        distill.file_digest(distill_ckpt(t)) for t in (t0, t1))
+    r = cli(distill.main, ["logits", t1, t0, "--split", split])
+    assert json.loads(r.stdout)["out"] == out["out"] and "teacher logits:" not in r.stderr
 
     # a second call finds the file current and leaves it alone
     stamp = path.stat().st_mtime_ns
@@ -208,3 +214,29 @@ def test_two_ranks_share_the_work_and_write_the_same_logits(teachers, tmp_path, 
     a, b = distill.load(one), distill.load(two)
     assert a.keys == b.keys
     assert torch.allclose(a.logits, b.logits, atol=1e-5)
+
+
+def test_read_only_split_storage_keeps_the_logits_in_the_run_dir(teachers, tmp_path, caplog):
+    """The split's file cannot be written (here: a directory squats its name): the logits go to
+    the run dir, and the next start finds them there instead of recomputing."""
+    from asc_dist import dist
+    from asc_dist.data.manifest import manifest_digest
+
+    shards, (t0, _) = teachers
+    index = load_split(shards, "test")
+    target = distill.default_path(index.dir, [distill.file_digest(distill_ckpt(t0))],
+                                  manifest_digest(index.dir))
+    target.mkdir()
+    try:
+        env = dist.init("cpu")
+        with caplog.at_level(logging.INFO):
+            path, first = distill.load_or_build([t0], index, env, fallback_dir=tmp_path, progress=False)
+        assert path == tmp_path / target.name and path.is_file()
+        assert "cannot write the teacher logits" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            again, second = distill.load_or_build([t0], index, env, fallback_dir=tmp_path, progress=False)
+        assert again == path and "teacher logits:" not in caplog.text  # found, not recomputed
+        assert torch.equal(first.logits, second.logits)
+    finally:
+        target.rmdir()

@@ -15,7 +15,7 @@ import torch
 import yaml
 from test_evaluate import ROOT
 
-from asc_dist import table1
+from asc_dist import config, table1
 from asc_dist.table1.stats import mean_ci, paired_bootstrap
 from asc_dist.validate import read_predictions
 
@@ -196,3 +196,19 @@ def test_exported_baseline_cnn_round_trips(sweep, tmp_path):
     assert export.main([str(sweep / "table1-baseline-seed0"), "--out", str(tmp_path / "m")]) == 0
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["model"] == "dcase_baseline" and set(meta["files"]) >= {"torchscript", "export"}
+
+
+def test_a_run_saved_before_mixup_moved_is_still_its_row(tmp_path):
+    """Runs saved with the old top-level ``mixup`` and without the newer feature keys: read
+    through today's schema, the row is right and the features compare equal to a new run's."""
+    from asc_dist.table1.collect import read_run
+
+    saved = config.to_dict(config.load(["loss.name=ce", "augment.mixup.enabled=false"]))
+    saved["mixup"] = saved.pop("augment")["mixup"]
+    for key in ("mel_scale", "mel_norm", "log", "log_eps"):
+        del saved["features"][key]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    rec = read_run(tmp_path / "old")
+    assert rec["row"] == "nll" and rec["mixup"] is False
+    assert rec["shared"]["features"] == config.to_dict(config.load([]))["features"]

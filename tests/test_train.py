@@ -279,14 +279,24 @@ def test_pretrained_weights_are_loaded_and_said_so(packed_shards, tmp_path, cli)
     assert "(new head, expected)" in p.stderr and "warning" not in p.stderr
 
 
-def test_a_training_step_never_waits_for_the_device(packed_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["plain", "augmented_and_distilled"])
+def test_a_training_step_never_waits_for_the_device(packed_shards, tmp_path, monkeypatch, recipe):
     """train_step reads nothing back (no .item(), .tolist(), bool(), .numpy()): on a GPU each
-    would drain the queue. The loss is read once per log window by mean_loss."""
+    would drain the queue. The loss is read once per log window by mean_loss. Also with every
+    in-batch augmentation on and a teacher's logits looked up per batch."""
     from asc_dist import config as config_lib
     from asc_dist import dist
     from asc_dist.train import build, mean_loss, train_step
 
-    cfg = config_lib.load(["conf/smoke.yaml", *overrides(packed_shards, tmp_path / "run")], world_size=1)
+    extra = []
+    if recipe != "plain":
+        teacher = tmp_path / "teacher"
+        assert train.main(["conf/smoke.yaml", *overrides(packed_shards, teacher, "train.max_iters=2")]) == 0
+        extra = [f"distill.teachers=[{teacher}]", "distill.weight=0.5", "augment.mixstyle.p=1",
+                 "augment.freq_mask.count=1", "augment.freq_mask.width=8", "augment.time_mask.count=1",
+                 "augment.time_mask.width=4", "augment.roll_seconds=0.1"]
+    cfg = config_lib.load(["conf/smoke.yaml", *overrides(packed_shards, tmp_path / "run", "train.grad_clip=1.0",
+                                                          *extra)], world_size=1)
     env = dist.init("cpu")
     p = build(cfg, env)
     try:
@@ -299,7 +309,7 @@ def test_a_training_step_never_waits_for_the_device(packed_shards, tmp_path, mon
         with monkeypatch.context() as m:
             for name in ("item", "tolist", "numpy", "__bool__", "__float__"):
                 m.setattr(torch.Tensor, name, sync)
-            losses = [train_step(p, batch, gen, grad_clip=1.0) for _ in range(3)]
+            losses = [train_step(p, batch, gen, torch.Generator().manual_seed(1), cfg) for _ in range(3)]
         total = sum(losses, torch.zeros(()))
         assert mean_loss(total, 1, 3) == pytest.approx(sum(x.item() for x in losses) / 3)
         from asc_dist.errors import TrainingDiverged

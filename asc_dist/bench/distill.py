@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     teacher = runs / "teacher"
     timing["teacher"] = _train([DATA, f"run_dir={teacher}", f"model.name={args.teacher_model}",
                                 "model.pretrained=none", "loss.name=ce", "augment.mixup.enabled=false",
-                                "optim.name=adamw", "optim.schedule=cosine", "optim.warmup_iters=10",
+                                "optim.name=adamw", "optim.schedule=cosine",
+                                f"optim.warmup_iters={max(1, args.teacher_iters // 10)}",
                                 f"train.max_iters={args.teacher_iters}",
                                 f"train.eval_every={args.teacher_iters}", "wandb.job_type=teacher",
                                 *common])
@@ -112,8 +113,7 @@ def run(args: argparse.Namespace) -> int:
             per_arm[arm][seed] = (labels, preds)
             accs.append(acc)
         results["arms"][arm] = {"accuracy": accs, **mean_ci(accs)}
-    _, labels, preds, acc = _predictions(teacher)
-    results["teacher"] = {"classwise_accuracy": acc}
+    results["teacher"] = {"classwise_accuracy": _predictions(teacher)[3]}
     results["difference"] = paired_bootstrap(per_arm["student"], per_arm["student_kd"], len(classes))
     results["seconds"] = timing
     atomic.write_text(out / "results.json", json.dumps(results, indent=2))

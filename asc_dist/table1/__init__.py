@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from asc_dist.cli import command
-from asc_dist.config import MOVED
 
 
 @dataclass(frozen=True)
@@ -52,19 +51,9 @@ def run_name(row: Row, seed: int) -> str:
 
 
 def config_value(d: dict, dotted: str) -> Any:
-    """``dotted``'s value in a saved config dict; a run saved before a key moved
-    (config.MOVED, e.g. mixup -> augment.mixup) answers under its old name."""
-    def lookup(key: str) -> Any:
-        v: Any = d
-        for part in key.split("."):
-            v = v.get(part) if isinstance(v, dict) else None
-        return v
-
-    value = lookup(dotted)
-    for old, new in MOVED.items():
-        if value is None and dotted.startswith(new + "."):
-            value = lookup(old + dotted[len(new):])
-    return value
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def row_of(cfg: dict) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from asc_dist import atomic
+from asc_dist import config as config_lib
 from asc_dist.table1 import BY_KEY, COMPARISONS, ROWS, config_value, row_of
 from asc_dist.table1.stats import mean_ci, paired_bootstrap
 
@@ -60,6 +61,11 @@ def read_run(run_dir: str | Path) -> dict:
         rec["problem"] = f"no config.yaml in {run_dir} (not a run dir?)"
         return rec
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+    try:  # through today's schema: keys that moved since, and defaults of keys added since
+        cfg = config_lib.to_dict(config_lib.from_dict(cfg))
+    except Exception as e:  # noqa: BLE001 - a config this version cannot read: compare it as saved
+        log.warning(f"{cfg_path}: does not fit this version's config ({type(e).__name__}); "
+                    f"read as saved")
     rec.update(
         name=cfg.get("name"), row=row_of(cfg), seed=config_value(cfg, "train.seed"),
         model=config_value(cfg, "model.name"), pretrained=config_value(cfg, "model.pretrained"),
