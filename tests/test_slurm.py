@@ -195,7 +195,7 @@ def test_table1_dry_run_prints_one_training_per_row_and_seed_and_a_collect_after
         )
         assert line.endswith(
             f"conf/smoke.yaml conf/experiment/{row}.yaml name={name} run_dir=runs/{name} "
-            f"train.seed={seed} data.shards=/data/x"
+            f"train.seed={seed} wandb.group=table1-{row} wandb.job_type=row data.shards=/data/x"
         )
     names = ":".join(f"\\<table1-{r.replace('_', '-')}-seed{s}\\>" for r, s in jobs)
     assert f"--dependency=afterok:{names}" in lines[4]
