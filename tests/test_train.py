@@ -143,10 +143,16 @@ class _StopAt(logging.Handler):
 @pytest.mark.parametrize("cache", ["none", "device"])
 def test_sigterm_then_resume_is_bit_identical_to_uninterrupted(packed_shards, tmp_path, cache, cli):
     steps = 16
-    # with the cached features, every in-batch augmentation on: their per-step draws resume too
-    aug = ["augment.mixstyle.p=0.5", "augment.freq_mask.count=2", "augment.freq_mask.width=8",
-           "augment.time_mask.count=1", "augment.time_mask.width=4", "augment.roll_seconds=0.1",
-           "optim.name=adamw", "optim.schedule=cosine", "optim.warmup_iters=3"] if cache == "device" else []
+    # with the cached features, every in-batch augmentation on and a teacher's logits: their
+    # per-step draws and the logits file resume too
+    aug = []
+    if cache == "device":
+        teacher = tmp_path / "teacher"
+        ok(cli(train.main, SMOKE + overrides(packed_shards, teacher, "train.max_iters=2")))
+        aug = ["augment.mixstyle.p=0.5", "augment.freq_mask.count=2", "augment.freq_mask.width=8",
+               "augment.time_mask.count=1", "augment.time_mask.width=4", "augment.roll_seconds=0.1",
+               "optim.name=adamw", "optim.schedule=cosine", "optim.warmup_iters=3",
+               f"distill.teachers=[{teacher}]", "distill.weight=0.5"]
     args = lambda d: SMOKE + overrides(packed_shards, d, f"train.max_iters={steps}", "train.log_every=1",  # noqa: E731
                                        "train.ckpt_every=100", "train.eval_every=100", f"data.cache={cache}",
                                        *aug)
