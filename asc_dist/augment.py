@@ -35,8 +35,10 @@ not depend on how many other random calls ran before. Numbers are drawn on the g
 device (CPU or CUDA) and the few of them (B shifts, B x count band ends, B weights and a
 permutation) are moved to x's device; the masking and mixing run on x's device, vectorised
 over the batch. MixStyle's per-batch coin never goes to the host: the weights and the
-permutation are always drawn and the mixed batch is selected with ``torch.where``, so a step on
-a GPU never waits for it (the mixing costs a few element-wise ops over the batch).
+permutation are always drawn and the mixed batch is selected with ``torch.where``, so with a
+generator on x's device (as the trainer's) a step on a GPU never waits for it (the mixing costs
+a few element-wise ops over the batch). A CPU generator with CUDA inputs copies its few draws to
+the device each call.
 
 An augmentation that is off draws nothing from the generator and returns ``x`` itself, so a run
 with everything off is bit-identical to one without this module. The last draws are kept in

@@ -194,8 +194,9 @@ class DistillConfig:
     temperature: float = positive(2.0)
     # The KL over classes: sum (the divergence itself) or mean (CPJKU's: 1/num_classes of it)
     class_reduction: Literal["sum", "mean"] = "sum"
-    # The ensemble's logits for the training split; null = beside the split, keyed by the
-    # teachers and the split, built by all ranks when missing (python -m asc_dist.distill logits).
+    # The ensemble's logits for the training split; null = beside the split (in the run dir when
+    # the split's storage is read-only), keyed by the teachers and the split, built by all ranks
+    # when missing (python -m asc_dist.distill logits).
     logits: str | None = None
 
 
@@ -328,10 +329,6 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
         if m.count > 0 and not 0 < m.width <= size:
             raise ConfigError(f"augment.{axis}.width={m.width}: must be in [1, {size}] when "
                               f"augment.{axis}.count={m.count}")
-    o = cfg.optim
-    if o.schedule == "cosine" and cfg.train.epochs == 0 and o.warmup_iters >= cfg.train.max_iters:
-        raise ConfigError(f"optim.warmup_iters={o.warmup_iters} is not below train.max_iters="
-                          f"{cfg.train.max_iters}: the cosine schedule would never decay")
     d = cfg.distill
     if not d.weight <= 1:
         raise ConfigError(f"distill.weight={d.weight}: must be in [0, 1]")

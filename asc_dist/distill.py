@@ -119,7 +119,7 @@ def load(path: Path, *, manifest: str | None = None, digests: Sequence[str] | No
     if manifest is not None and d["manifest"] != manifest:
         log.warning("teacher logits %s belong to another version of the split; rebuilding them", path)
         return None
-    if digests is not None and [t["digest"] for t in d["teachers"]] != list(digests):
+    if digests is not None and sorted(t["digest"] for t in d["teachers"]) != sorted(digests):
         log.warning("teacher logits %s come from other teachers; rebuilding them", path)
         return None
     return TeacherLogits(list(d["keys"]), logits.float(), list(d["classes"]))
@@ -203,9 +203,11 @@ def load_or_build(teachers: Sequence[str | Path], index: SplitIndex, env: dist.D
         record = [{"path": str(p), "digest": d} for p, d in zip(paths, digests)]
         for place in places:
             if save(place, table, record, manifest):
+                if place != path:
+                    log.warning(f"teacher logits kept in {place} instead (found there next start)")
                 path = place
                 break
-    dist.barrier()
+    path = Path(dist.all_gather_objects(str(path))[0])  # where rank 0 wrote it, on every rank
     return path, table
 
 
@@ -263,6 +265,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
         kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1).mean()
     if class_reduction == "mean":
         kl = kl / student_logits.shape[-1]
+    elif class_reduction != "sum":
+        raise ValueError(f"distill.class_reduction={class_reduction!r}: must be sum or mean")
     return kl * temperature ** 2
 
 

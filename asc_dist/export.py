@@ -143,8 +143,9 @@ def metadata(restored, files: dict[str, str], check: dict) -> dict:
         "front_end": {
             **OmegaConf.to_container(f, resolve=True),
             "window": "hann (periodic)", "power": 2.0, "center": True, "pad_mode": "reflect",
-            "log_formula": ("10*log10(max(power, 10**(floor_db/10))), reference 1.0" if f.log == "db"
-                    else "ln(power + log_eps)") + "; last frames cropped to 'frames'",
+            "log_formula": ("10*log10(max(power, 10**(floor_db/10))), reference 1.0"
+                            if f.log == "db" else "ln(power + log_eps)")
+                           + "; last frames cropped to 'frames'",
         },
         "standardization": {
             "formula": "(logmel - mean) / std per mel bin (std as applied: clamped at >= 0.01)",

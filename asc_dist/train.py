@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight(cfg)
         cfg = resolve_epochs(cfg, dist.env_world_size())
+        check_schedule(cfg)
     except UserError:
         if dist.env_rank() != 0:  # every rank finds the same problem: rank 0 says it once
             return EXIT_ERROR
@@ -384,16 +385,23 @@ def resolve_epochs(cfg: DictConfig, world_size: int) -> DictConfig:
         raise ConfigError(f"train.epochs={cfg.train.epochs}: split '{cfg.data.train_split}' has "
                           f"{n} clips, fewer than one global batch ({cfg.train.global_batch})")
     iters = cfg.train.epochs * steps
-    if cfg.optim.schedule == "cosine" and cfg.optim.warmup_iters >= iters:
-        raise ConfigError(f"optim.warmup_iters={cfg.optim.warmup_iters} is not below the run's "
-                          f"{iters} iterations (train.epochs={cfg.train.epochs} x {steps}): the "
-                          f"cosine would never decay; lower optim.warmup_iters")
     if dist.env_rank() == 0:
         log.info(f"train.epochs={cfg.train.epochs} x {steps} steps per epoch ({n} clips, global "
                  f"batch {cfg.train.global_batch}) = {iters} iterations")
     resolved = OmegaConf.merge(cfg, {"train": {"max_iters": iters}})
     OmegaConf.set_readonly(resolved, True)
     return resolved
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """A cosine warm-up as long as the run would never decay (a training check only: a checkpoint
+    trained so still evaluates)."""
+    o, iters = cfg.optim, cfg.train.max_iters
+    if o.schedule == "cosine" and o.warmup_iters >= iters:
+        epochs = f" (train.epochs={cfg.train.epochs})" if cfg.train.epochs else ""
+        raise ConfigError(f"optim.warmup_iters={o.warmup_iters} is not below the run's {iters} "
+                          f"iterations{epochs}: the cosine schedule would never decay; lower "
+                          f"optim.warmup_iters")
 
 
 def leave_together(env: dist.DistEnv) -> None:

@@ -89,3 +89,19 @@ def test_any_timm_model_by_name_takes_one_channel():
         check_model(config.load(["model.name=timm:mobilenetv9_tiny", "model.pretrained=none"]).model)
     with pytest.raises(ConfigError, match="no ImageNet weights"):
         check_model(config.load(["model.name=timm:mobilenetv3_small_050"]).model)
+
+
+def test_a_cosine_warmup_as_long_as_the_run_is_refused_for_training_only(tmp_path, cli):
+    shards = make_shards(tmp_path)  # 5 steps of 4 per epoch
+    base = ["conf/smoke.yaml", f"data.shards={shards}", f"run_dir={tmp_path / 'run'}",
+            "data.backend=torch", "train.device=cpu", "optim.schedule=cosine"]
+    r = cli(train.main, [*base, "optim.warmup_iters=6", "train.max_iters=6"])
+    assert r.returncode == 2 and "optim.warmup_iters=6 is not below the run's 6 iterations" in r.stderr, r
+    r = cli(train.main, [*base, "optim.warmup_iters=5", "train.epochs=1"])
+    assert r.returncode == 2 and "run's 5 iterations (train.epochs=1)" in r.stderr, r
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # a checkpoint trained so (before the check existed) still restores for evaluation
+    from asc_dist.restore import checkpoint_config
+
+    saved = config.to_dict(config.load([*base, "optim.warmup_iters=6", "train.max_iters=6"]))
+    assert checkpoint_config({"config": saved}).optim.warmup_iters == 6

@@ -48,6 +48,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def warmup(iters: int) -> int:
+    """A tenth of the run, and always shorter than it (the cosine must decay)."""
+    return min(max(1, iters // 10), iters - 1)
+
+
 def _train(args: list[str]) -> float:
     from asc_dist import train
     from asc_dist.errors import UserError
@@ -90,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
     timing["teacher"] = _train([DATA, f"run_dir={teacher}", f"model.name={args.teacher_model}",
                                 "model.pretrained=none", "loss.name=ce", "augment.mixup.enabled=false",
                                 "optim.name=adamw", "optim.schedule=cosine",
-                                f"optim.warmup_iters={max(1, args.teacher_iters // 10)}",
+                                f"optim.warmup_iters={warmup(args.teacher_iters)}",
                                 f"train.max_iters={args.teacher_iters}",
                                 f"train.eval_every={args.teacher_iters}", "wandb.job_type=teacher",
                                 *common])
     student = [DATA, STUDENT, f"train.max_iters={args.student_iters}",
-               f"optim.warmup_iters={max(1, args.student_iters // 10)}",
+               f"optim.warmup_iters={warmup(args.student_iters)}",
                f"train.eval_every={args.student_iters}", f"train.ckpt_every={args.student_iters}"]
     arms = {"student": [], "student_kd": [KD, f"distill.teachers=[{teacher}]"]}
     results: dict = {"machine": machine(), "seeds": seeds, "clips_per_class": args.clips_per_class,

@@ -66,6 +66,7 @@ def read_run(run_dir: str | Path) -> dict:
     except Exception as e:  # noqa: BLE001 - a config this version cannot read: compare it as saved
         log.warning(f"{cfg_path}: does not fit this version's config ({type(e).__name__}); "
                     f"read as saved")
+        cfg = config_lib.carry_over(cfg)
     rec.update(
         name=cfg.get("name"), row=row_of(cfg), seed=config_value(cfg, "train.seed"),
         model=config_value(cfg, "model.name"), pretrained=config_value(cfg, "model.pretrained"),
