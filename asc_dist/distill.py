@@ -230,6 +230,8 @@ class TeacherTargets:
 
     def __call__(self, keys: Sequence[str]) -> torch.Tensor:
         ids = torch.tensor([self.row[k] for k in keys], dtype=torch.long)
+        if self.device.type == "cuda":  # from pinned memory the copy is queued, not waited for
+            ids = ids.pin_memory()
         return self.logits.index_select(0, ids.to(self.device, non_blocking=True))
 
 
