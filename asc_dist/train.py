@@ -81,6 +81,7 @@ class Parts:
     scheduler: Any
     autocast: Any
     complexity: dict | None  # report.json's entry (rank 0)
+    kd_sum: torch.Tensor | None = None  # the distillation term summed over the log window
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -154,6 +155,7 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
         scheduler=build_scheduler(cfg.optim, optimizer, cfg.train.max_iters),
         autocast=autocast(cfg.train.precision, env.device),
         complexity=counts,
+        kd_sum=torch.zeros((), device=env.device) if teacher is not None else None,
     )
 
 
@@ -215,8 +217,9 @@ def train_step(p: Parts, batch, mix_gen: torch.Generator, aug_gen: torch.Generat
     if p.teacher is not None:
         d = cfg.distill
         target = p.mixup.mix_targets(teacher_probs(p.teacher(batch.keys), d.temperature))
-        loss = (1 - d.weight) * loss + d.weight * kd_loss(logits, target, d.temperature,
-                                                          d.class_reduction)
+        kd = kd_loss(logits, target, d.temperature, d.class_reduction)
+        loss = (1 - d.weight) * loss + d.weight * kd
+        p.kd_sum += kd.detach()
     grad_clip = cfg.train.grad_clip
     p.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -277,6 +280,10 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
             if progress.due(step) or stopping:  # a stop logs its partial window too
                 window = progress.window(step, loss=mean_loss(loss_sum, since, step),
                                          lr=p.optimizer.param_groups[0]["lr"])
+                if p.kd_sum is not None:  # the unweighted KD term, for its own curve
+                    kd_sum = dist.all_reduce_mean(p.kd_sum.clone())
+                    window["kd_loss"] = (kd_sum / (step - since + 1)).item()
+                    p.kd_sum.zero_()
                 if env.device.type == "cuda":  # the allocator's own counter: no synchronisation
                     window["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
                 tracker.log(step, {f"train/{k}": v for k, v in window.items()})

@@ -156,6 +156,12 @@ def test_weight_zero_is_bit_identical_and_distillation_trains(teachers, tmp_path
                                      "distill.temperature=3")) == 0
     c = torch.load(kd / final, weights_only=True)
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+    # the KD term has its own curve (unweighted); runs without a teacher have none
+    from asc_dist.tracking import read_metrics
+
+    kd_rows = [r for r in read_metrics(kd / "metrics.jsonl") if "train/kd_loss" in r]
+    assert len(kd_rows) == 3 and all(r["train/kd_loss"] > 0 for r in kd_rows)  # log_every 2 of 6
+    assert not any("train/kd_loss" in r for r in read_metrics(plain / "metrics.jsonl"))
     assert (kd / "eval" / "report.json").is_file()
 
 
