@@ -45,6 +45,7 @@ from omegaconf import OmegaConf
 from asc_dist import atomic, dist
 from asc_dist.atomic import NoSpaceError
 from asc_dist.cli import command
+from asc_dist.data.cache import tensor_checksum
 from asc_dist.data.manifest import SplitIndex, load_split, manifest_digest
 from asc_dist.errors import UserError
 
@@ -71,10 +72,6 @@ def default_path(split_dir: Path, digests: Sequence[str], manifest: str) -> Path
     return Path(split_dir) / f"teacher-logits-{key.hexdigest()[:12]}.pt"
 
 
-def _checksum(logits: torch.Tensor) -> str:
-    return hashlib.blake2b(logits.contiguous().view(torch.uint8).numpy().data, digest_size=16).hexdigest()
-
-
 @dataclass
 class TeacherLogits:
     keys: list[str]
@@ -87,7 +84,7 @@ def save(path: Path, t: TeacherLogits, teachers: Sequence[dict], manifest: str) 
     logits = t.logits.detach().float().cpu().contiguous()
     state = {"version": LOGITS_VERSION, "keys": list(t.keys), "logits": logits,
              "classes": list(t.classes), "teachers": list(teachers), "manifest": manifest,
-             "checksum": _checksum(logits)}
+             "checksum": tensor_checksum(logits)}
     try:
         with atomic.writing(path, what="teacher logits", need_bytes=logits.numel() * 4) as f:
             torch.save(state, f)
@@ -109,7 +106,7 @@ def load(path: Path, *, manifest: str | None = None, digests: Sequence[str] | No
         logits = d["logits"]
         intact = (d["version"] == LOGITS_VERSION and logits.dim() == 2
                   and logits.shape == (len(d["keys"]), len(d["classes"]))
-                  and d["checksum"] == _checksum(logits))
+                  and d["checksum"] == tensor_checksum(logits))
     except Exception as e:  # noqa: BLE001 - any damage means: rebuild
         log.warning("teacher logits %s are unreadable (%s); rebuilding them", path, type(e).__name__)
         return None

@@ -71,7 +71,8 @@ def cache_path(cfg: Any, split: str, backend: str, device: torch.device) -> Path
     return Path(cfg.data.shards) / split / name
 
 
-def _checksum(features: torch.Tensor) -> str:
+def tensor_checksum(features: torch.Tensor) -> str:
+    """blake2b-128 of a CPU tensor's bytes: what a persisted table (or logits file) is checked by."""
     return hashlib.blake2b(features.contiguous().view(torch.uint8).numpy().data, digest_size=16).hexdigest()
 
 
@@ -86,7 +87,7 @@ def load_table(path: Path, cfg: Any, digest: str, device: torch.device) -> Featu
               and d["features_settings"] == settings(cfg.features)
               and tuple(d["features"].shape[1:]) == (1, int(cfg.features.n_mels), int(cfg.features.frames))
               and len(d["keys"]) == d["features"].shape[0] == d["labels"].shape[0]
-              and d["checksum"] == _checksum(d["features"]))
+              and d["checksum"] == tensor_checksum(d["features"]))
     except Exception as e:  # noqa: BLE001 - any damage means: rebuild
         log.warning("feature cache %s is unreadable (%s); rebuilding it", path, type(e).__name__)
         return None
@@ -105,7 +106,7 @@ def save_table(path: Path, table: FeatureTable, cfg: Any, digest: str, backend: 
     features = table.features.cpu()
     state = {"version": CACHE_VERSION, "manifest": digest, "features_settings": settings(cfg.features),
              "backend": backend, "features": features, "labels": table.labels.cpu(),
-             "keys": list(table.keys), "checksum": _checksum(features),
+             "keys": list(table.keys), "checksum": tensor_checksum(features),
              "verified": verified}  # members checked against their digests
     try:
         with atomic.writing(path, what="feature cache", need_bytes=table.nbytes) as f:
