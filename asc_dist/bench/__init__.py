@@ -46,6 +46,17 @@ def with_values(cfg, values: dict):
         [f"{k}={v}" for k, v in values.items()])))
 
 
+def add_stream_args(p: argparse.ArgumentParser, *, backends: str, repeat: int, batches_help: str) -> None:
+    """The options every streaming benchmark (data, integrity) takes, alike."""
+    p.add_argument("--shards", required=True, help="root holding <split>/manifest.json")
+    p.add_argument("--split", default="train")
+    p.add_argument("--batches", type=int, default=20, help=batches_help)
+    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--backends", default=backends, help="comma list to run")
+    p.add_argument("--repeat", type=int, default=repeat, help="rounds; the best round is reported")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from asc_dist.bench import data, distill, gpu, integrity, train
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from asc_dist import atomic
-from asc_dist.bench import machine, with_values
+from asc_dist.bench import add_stream_args, machine, with_values
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +185,8 @@ def run(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="input pipeline throughput: dali vs torch vs librosa",
                        description="clips/s from shards to log-mel batches on the device.")
-    p.add_argument("--shards", required=True, help="root holding <split>/manifest.json")
-    p.add_argument("--split", default="train")
-    p.add_argument("--batches", type=int, default=20, help="timed batches per candidate")
-    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--backends", default="dali,torch,librosa", help="comma list to run")
-    p.add_argument("--repeat", type=int, default=1, help="rounds; the best round is reported")
+    add_stream_args(p, backends="dali,torch,librosa", repeat=1,
+                    batches_help="timed batches per candidate")
     p.add_argument("--cpu-only", action="store_true", help="skip the GPU paths even with CUDA")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("config", nargs="*", help="config overrides (key=value) or YAML files")

@@ -20,6 +20,8 @@ import zlib
 
 import torch
 
+from asc_dist.bench import add_stream_args
+
 
 def _source(cfg, split: str, train: bool, batch_size: int):
     from asc_dist.data import build_source
@@ -166,12 +168,7 @@ def run(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("integrity", help="cost of the per-member digest check (data.verify)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", required=True, help="root holding <split>/manifest.json")
-    p.add_argument("--split", default="train")
-    p.add_argument("--batches", type=int, default=20, help="timed streaming batches per variant")
-    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--backends", default="dali,torch", help="comma list to run")
-    p.add_argument("--repeat", type=int, default=3, help="rounds; the best round is reported")
+    add_stream_args(p, backends="dali,torch", repeat=3,
+                    batches_help="timed streaming batches per variant")
     p.add_argument("config", nargs="*", help="config overrides (key=value) or YAML files")
     p.set_defaults(func=run)
