@@ -4,7 +4,11 @@ Every consumer of audio goes through :func:`decode`: the packer, the torch data 
 features CLI, predict and the export's own loader (which repeats these few lines with torch and
 soxr only). A 44.1 kHz file therefore gives the same log-mel whether it is packed first or
 predicted directly. Decoding is soundfile (libsndfile; integer PCM read exactly), the downmix
-is the channel mean, resampling is soxr at its "very high quality" setting, all in float64.
+is the channel mean, all in float64; resampling (``RESAMPLERS``) is soxr at its "very high
+quality" setting in float64 (the default), or ``torchaudio``: ``torchaudio.functional.resample``
+with its defaults in float32, as the DCASE 2024/2025 baselines resample 44.1 to 32 kHz. A pack
+records its resampler, its checkpoints carry it, and predict and export resample raw files of
+other rates with it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-RESAMPLER = "soxr-vhq"
+RESAMPLER = "soxr-vhq"  # the default
+RESAMPLERS = (RESAMPLER, "torchaudio")
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".aiff", ".aif")
 _INT_SUBTYPES = {"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32"}
 _PCM_BITS = {"PCM_16": 16, "PCM_24": 24, "PCM_32": 32}
@@ -55,25 +60,35 @@ def to_mono(x: np.ndarray) -> np.ndarray:
     return (acc / x.shape[1])[:, None]
 
 
-def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
-    """[frames, channels] -> [frames', channels] at ``sr_out`` (soxr VHQ, band-limited)."""
+def resample(x: np.ndarray, sr_in: int, sr_out: int, resampler: str = RESAMPLER) -> np.ndarray:
+    """[frames, channels] -> [frames', channels] at ``sr_out`` (band-limited; ``resampler``)."""
     if sr_in == sr_out:
         return x
+    if resampler == "torchaudio":
+        import torch
+        import torchaudio.functional
+
+        y = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(x.T, np.float32)),
+                                           sr_in, sr_out)
+        return y.numpy().T.astype(np.float64)
+    if resampler != RESAMPLER:
+        raise ValueError(f"resampler {resampler!r}: expected one of {', '.join(RESAMPLERS)}")
     return soxr.resample(np.ascontiguousarray(x), sr_in, sr_out, quality="VHQ")
 
 
-def convert(x: np.ndarray, sr_in: int, sr_out: int, keep_channels: bool = False) -> np.ndarray:
+def convert(x: np.ndarray, sr_in: int, sr_out: int, keep_channels: bool = False,
+            resampler: str = RESAMPLER) -> np.ndarray:
     """Decoded samples -> what is stored and fed to the front end: downmix unless kept, resample."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 1:
         x = x[:, None]
-    return resample(x if keep_channels else to_mono(x), sr_in, sr_out)
+    return resample(x if keep_channels else to_mono(x), sr_in, sr_out, resampler)
 
 
-def decode(source: Any, sample_rate: int, *, name: str = "") -> np.ndarray:
+def decode(source: Any, sample_rate: int, *, name: str = "", resampler: str = RESAMPLER) -> np.ndarray:
     """Path or bytes -> mono float32 [L] at ``sample_rate``: the front end's input."""
     x, sr, _ = read(source, name=name)
-    return convert(x, sr, sample_rate)[:, 0].astype(np.float32)
+    return convert(x, sr, sample_rate, resampler=resampler)[:, 0].astype(np.float32)
 
 
 def encode_wav(x: np.ndarray, sr: int, subtype: str) -> bytes:

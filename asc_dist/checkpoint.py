@@ -17,6 +17,7 @@ checkpoint with a plain ``torch.load(path, weights_only=True)``, no ``map_locati
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import random
@@ -179,6 +180,21 @@ def _nbytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(v) for v in obj)
     return 0
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint file: a model is its weights, wherever the file lies (teachers,
+    the members of a device set)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_of(path: str | Path) -> int:
+    """The training step a checkpoint was saved at, read without loading its tensors."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step", 0))
 
 
 def verify(path: str | Path) -> str | None:

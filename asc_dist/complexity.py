@@ -20,6 +20,11 @@ rows always add up to the totals. The DCASE 2024 task 1 baseline (``model.name=c
 counts 61,148 parameters and 29,419,156 MACs on ``[1, 1, 256, 65]``, its published table.
 
     python -m asc_dist.complexity [conf.yaml ...] [key=value ...] [--layers] [--json]
+    python -m asc_dist.complexity CHECKPOINT|DEVSET [--json]
+
+For a checkpoint or a device set (asc_dist.devices) the trained models are counted on their own
+input: each member of a set, and the maxima, which DCASE 2025 holds against the limits (they
+apply to every device model separately).
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ log = logging.getLogger(__name__)
 
 # Bytes per parameter at the precisions the challenge rules talk about.
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1}
-# DCASE 2024 task 1: at most 128 kB of parameter memory and 30 M MACs per 1-s clip.
-LIMITS = {"dcase2024": {"param_bytes": 128_000, "macs_per_second": 30_000_000}}
+# DCASE 2024 task 1: at most 128 kB of parameter memory and 30 M MACs per 1-s clip. DCASE 2025
+# keeps them, for each device-specific model separately (CPJKU/dcase2025_task1_baseline README).
+LIMITS = {"dcase2024": {"param_bytes": 128_000, "macs_per_second": 30_000_000},
+          "dcase2025": {"param_bytes": 128_000, "macs_per_second": 30_000_000}}
 
 
 @dataclass
@@ -166,6 +173,36 @@ def for_run(model: nn.Module, cfg) -> tuple[Complexity, dict, list[str]]:
     return c, entry, problems
 
 
+def for_models(models: dict[str, nn.Module], input_shape: list[int], *, clip_seconds: float,
+               limits: str = "none", precision: str = "fp16") -> dict:
+    """Each model's counts on ``input_shape`` and the maxima over them, held against ``limits``
+    (what DCASE 2025's complexity.json states per device model)."""
+    rows = {name: count(m, input_shape) for name, m in models.items()}
+    out: dict = {"input": list(input_shape), "clip_seconds": clip_seconds, "precision": precision,
+                 "limits": limits, "models": {}}
+    for name, c in rows.items():
+        out["models"][name] = {"params": c.params, "param_bytes": c.param_bytes, "macs": c.macs,
+                               "over_limits": over_limits(c, limits, precision, clip_seconds)}
+    out["max_macs"] = max(c.macs for c in rows.values())
+    out["max_params"] = max(c.params for c in rows.values())
+    out["max_param_bytes"] = max(c.param_bytes[precision] for c in rows.values())
+    out["within_limits"] = not any(r["over_limits"] for r in out["models"].values())
+    return out
+
+
+def format_models(counts: dict) -> str:
+    """A table of :func:`for_models`' counts, one row per model, and the maxima."""
+    p = counts["precision"]
+    lines = [f"| model | parameters | bytes ({p}) | MACs per clip {counts['input']} | limits |",
+             "|---|---:|---:|---:|---|"]
+    for name, r in counts["models"].items():
+        lines.append(f"| {name} | {r['params']:,} | {r['param_bytes'][p]:,} | {r['macs']:,} | "
+                     f"{'; '.join(r['over_limits']) or ('within' if counts['limits'] != 'none' else '-')} |")
+    lines.append(f"| **max** | {counts['max_params']:,} | {counts['max_param_bytes']:,} | "
+                 f"{counts['max_macs']:,} | {counts['limits']} |")
+    return "\n".join(lines)
+
+
 def format_layers(c: Complexity) -> str:
     """A per-layer table (layers with neither parameters nor MACs left out) and its sum."""
     rows = [(layer.name, layer.kind, str(layer.input), f"{layer.params:,}", f"{layer.macs:,}")
@@ -199,12 +236,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Parameters, parameter memory (fp32/fp16/int8 bytes) and MACs per clip of the "
                     "configured model on the configured input [1, 1, features.n_mels, "
                     "features.frames], counted as the DCASE challenge counts them.")
-    p.add_argument("config", nargs="*", help="YAML files, then key=value overrides")
+    p.add_argument("config", nargs="*", help="YAML files, then key=value overrides; or one "
+                                             "checkpoint, run dir or device set")
     p.add_argument("--layers", action="store_true", help="also print a per-layer table")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument("--limits", choices=["none", *LIMITS], default=None,
+                   help="for a checkpoint or set: the limits to hold the models to (default: the "
+                        "run's complexity.limits)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from asc_dist import config
     from asc_dist.model import build_model
+
+    if len(args.config) == 1 and not args.config[0].endswith((".yaml", ".yml")) \
+            and "=" not in args.config[0]:
+        return _trained(args.config[0], args)
 
     cfg = config.load(args.config)
     if cfg.num_classes is None or int(cfg.num_classes) < 1:
@@ -227,6 +272,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers:
         print()
         print(format_layers(c))
+    return 0
+
+
+def trained_counts(model_or_set, limits: str | None = None) -> dict:
+    """:func:`for_models` of a restored checkpoint (``model``) or device set (``general`` and one
+    row per device) on its input, at its complexity.precision, held to ``limits`` (default:
+    its complexity.limits)."""
+    from asc_dist.devices import DeviceSet
+
+    cfg = model_or_set.cfg
+    if isinstance(model_or_set, DeviceSet):
+        models = {"general": model_or_set.general.model,
+                  **{d: r.model for d, r in model_or_set.members.items()}}
+    else:
+        models = {"model": model_or_set.model}
+    f = cfg.features
+    return for_models(models, [1, 1, int(f.n_mels), int(f.frames)],
+                      clip_seconds=float(f.clip_seconds),
+                      limits=limits or str(cfg.complexity.limits),
+                      precision=str(cfg.complexity.precision))
+
+
+def _trained(path: str, args) -> int:
+    from asc_dist.devices import load_model_or_set
+
+    counts = trained_counts(load_model_or_set(path), args.limits)
+    for name, r in counts["models"].items():
+        for problem in r["over_limits"]:
+            log.warning("%s: complexity.limits=%s exceeded: %s", name, counts["limits"], problem)
+    print(json.dumps(counts, indent=2) if args.json else format_models(counts))
     return 0
 
 

@@ -111,6 +111,10 @@ class DataConfig:
     # Check every tar member a reader reads against its digest in samples.jsonl (asc_dist.digest)
     # before it reaches a batch; false only to measure the check's cost (docs/data.md).
     verify: bool = True
+    # Train on the clips of these recording devices only (samples.jsonl's `device`, e.g. [a] or
+    # [s1, s2]); empty = every clip. Filters the training split alone: evaluation scores the whole
+    # test split. Epochs, steps per epoch and the schedule count the selected clips.
+    devices: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -203,8 +207,9 @@ class DistillConfig:
 @dataclass
 class ComplexityConfig:
     # dcase2024: warn when the model exceeds DCASE 2024 task 1's limits (128,000 B of parameters
-    # at `precision`, 30 M MACs per second of audio: a 1-s clip)
-    limits: Literal["none", "dcase2024"] = "none"
+    # at `precision`, 30 M MACs per second of audio: a 1-s clip); dcase2025: the same limits, for
+    # each device-specific model of a set separately
+    limits: Literal["none", "dcase2024", "dcase2025"] = "none"
     precision: Literal["fp32", "fp16", "int8"] = "fp16"
 
 
@@ -243,6 +248,18 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # bf16: all-reduce gradients in bf16 (slow interconnects)
     grad_compress: Literal["none", "bf16"] = "none"
+    # false: keep an epoch's final partial batch (steps per epoch = ceil(N / global_batch), as a
+    # DataLoader with drop_last=False); its clips are split over the ranks as evenly as possible and
+    # each rank's loss weighted so the gradient is the mean over the clips in it. Not with DALI
+    # streaming (the feature cache or the torch backend).
+    drop_last: bool = True
+    # A trained checkpoint (file or run dir) to start from: the whole model, head included, loaded
+    # strictly; its front end, classes and architecture must be this run's (restore.FROZEN_KEYS),
+    # and its feature statistics are used. Ignored when the run resumes from its own checkpoint.
+    init_from: str | None = None
+    # The periodic and final evaluation: auto = as train.precision; fp32; fp16 = model and inputs
+    # cast to float16 (model.half(), the DCASE 2024/2025 baselines' test)
+    eval_precision: Literal["auto", "fp32", "fp16"] = "auto"
 
 
 @dataclass
@@ -394,9 +411,12 @@ def defaults() -> DictConfig:
     return OmegaConf.structured(Config)
 
 
-def load(args: list[str] | tuple[str, ...] = (), *, world_size: int | None = None) -> DictConfig:
-    """Build the run config from ``args``: YAML paths first, then ``key=value`` overrides."""
-    cfg = defaults()
+def load(args: list[str] | tuple[str, ...] = (), *, world_size: int | None = None,
+         base: DictConfig | None = None) -> DictConfig:
+    """Build the run config from ``args``: YAML paths first, then ``key=value`` overrides, over
+    the schema's defaults (or over ``base``, e.g. a trained run's saved config)."""
+    cfg = defaults() if base is None else OmegaConf.merge(defaults(), base)
+    OmegaConf.set_readonly(cfg, False)
     yamls = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
     for path in [resolve_yaml(y) for y in yamls]:

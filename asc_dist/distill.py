@@ -44,6 +44,7 @@ from omegaconf import OmegaConf
 
 from asc_dist import atomic, dist
 from asc_dist.atomic import NoSpaceError
+from asc_dist.checkpoint import file_sha256
 from asc_dist.cli import command
 from asc_dist.data.cache import tensor_checksum
 from asc_dist.data.manifest import SplitIndex, load_split, manifest_digest
@@ -56,15 +57,6 @@ LOGITS_VERSION = 1
 
 class DistillError(UserError):
     """Teachers and the split (or a logits file) that do not belong together."""
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a checkpoint file: a teacher is its weights, wherever the file lies."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_path(split_dir: Path, digests: Sequence[str], manifest: str) -> Path:
@@ -183,7 +175,7 @@ def load_or_build(teachers: Sequence[str | Path], index: SplitIndex, env: dist.D
     if not teachers:
         raise DistillError("no teacher checkpoints given")
     # The mean does not depend on the order the teachers are named in; the file should not either.
-    by_digest = sorted((file_digest(p), p) for p in map(resolve_checkpoint, teachers))
+    by_digest = sorted((file_sha256(p), p) for p in map(resolve_checkpoint, teachers))
     digests, paths = [d for d, _ in by_digest], [p for _, p in by_digest]
     manifest = manifest_digest(index.dir)
     path = Path(out) if out is not None else default_path(index.dir, digests, manifest)

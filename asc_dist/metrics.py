@@ -1,10 +1,11 @@
 """Evaluation metrics: class-wise accuracy (the paper's metric), confusion, log-loss, breakdowns.
 
-``ClassificationMeter`` accumulates integer confusion matrices (overall and per breakdown value,
-e.g. per city and device) and the summed negative log-likelihood on CPU. All state packs into one
-fixed-shape float64 vector, so one all-reduce-sum gives every rank the same exact totals (counts
-stay exact in float64 up to 2**53). Class-wise accuracy is the mean, over classes that have
-samples, of per-class accuracy (recall).
+``ClassificationMeter`` accumulates integer confusion matrices and summed negative
+log-likelihoods (overall and per breakdown value, e.g. per city and device) on CPU. All state
+packs into one fixed-shape float64 vector, so one all-reduce-sum gives every rank the same exact
+totals (counts stay exact in float64 up to 2**53). Class-wise accuracy is the mean, over classes
+that have samples, of per-class accuracy (recall). :func:`device_groups` pools the per-device
+results into the groups DCASE 2025 reports (real / seen / unseen devices, known / unknown).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ClassificationMeter:
             name: torch.zeros(len(vals), c, c, dtype=torch.int64)
             for name, vals in self.groups.items()
         }
+        self.group_nll = {name: torch.zeros(len(vals), dtype=torch.float64)
+                          for name, vals in self.groups.items()}
         self.nll_sum = torch.zeros((), dtype=torch.float64)
 
     @torch.no_grad()
@@ -91,17 +94,20 @@ class ClassificationMeter:
         preds = logp.argmax(dim=1)
         cell = labels * c + preds
         self.confusion += torch.bincount(cell, minlength=c * c).view(c, c)
+        nll = -logp.gather(1, labels[:, None])[:, 0]
         for name, idx in group_idx.items():
             g = len(self.groups[name])
             self.group_confusion[name] += torch.bincount(
                 idx * c * c + cell, minlength=g * c * c
             ).view(g, c, c)
-        self.nll_sum -= logp.gather(1, labels[:, None]).sum()
+            self.group_nll[name].index_add_(0, idx, nll)
+        self.nll_sum += nll.sum()
 
     def state_tensor(self) -> torch.Tensor:
         """All state as one flat float64 vector (the unit of cross-rank reduction)."""
         parts = [self.confusion.flatten()] + [g.flatten() for g in self.group_confusion.values()]
-        return torch.cat([p.to(torch.float64) for p in parts] + [self.nll_sum.reshape(1)])
+        nll = [g for g in self.group_nll.values()] + [self.nll_sum.reshape(1)]
+        return torch.cat([p.to(torch.float64) for p in parts] + nll)
 
     def compute(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The report, from this meter's state summed by ``reduce`` (an all-reduce-sum) if given.
@@ -116,21 +122,18 @@ class ClassificationMeter:
         values = flat.numpy()
         confusion = np.rint(values[: c * c]).astype(np.int64).reshape(c, c)
         offset = c * c
-        breakdowns = {}
+        gconfs = {}
         for name, vals in self.groups.items():
             size = len(vals) * c * c
-            gconf = (
+            gconfs[name] = (
                 np.rint(values[offset : offset + size]).astype(np.int64).reshape(len(vals), c, c)
             )
             offset += size
-            breakdowns[name] = {
-                v: {
-                    "count": int(m.sum()),
-                    "accuracy": _accuracy(m),
-                    "classwise_accuracy": _classwise(m),
-                }
-                for v, m in zip(vals, gconf)
-            }
+        breakdowns = {}
+        for name, vals in self.groups.items():
+            nlls = values[offset : offset + len(vals)]
+            offset += len(vals)
+            breakdowns[name] = {v: _scores(m, nl) for v, m, nl in zip(vals, gconfs[name], nlls)}
         nll_sum = float(values[offset])
         count = int(confusion.sum())
         return {
@@ -143,6 +146,50 @@ class ClassificationMeter:
             "confusion": confusion.tolist(),
             "breakdowns": breakdowns,
         }
+
+
+def _scores(confusion: np.ndarray, nll_sum: float) -> dict:
+    n = int(confusion.sum())
+    return {"count": n, "accuracy": _accuracy(confusion), "classwise_accuracy": _classwise(confusion),
+            "log_loss": float(nll_sum) / n if n else None, "confusion": confusion.tolist()}
+
+
+# DCASE 2025 task 1's device groups (CPJKU/dcase2025_task1_baseline train_base.py): the real
+# recording devices, the simulated devices seen in training, and every other id (s4-s6 in the
+# development set's test split, more in the evaluation set).
+REAL_DEVICES = ("a", "b", "c")
+SEEN_DEVICES = ("s1", "s2", "s3")
+
+
+def device_groups(report: dict, known: list[str] | None = None) -> dict[str, dict]:
+    """The per-device results of ``report`` pooled into groups, each scored like a breakdown
+    value (clips, accuracy, class-wise accuracy, log loss): ``real`` (a, b, c), ``seen`` (s1-s3)
+    and ``unseen`` (every other device) when the split has DCASE device ids; ``known`` (the
+    ``known`` devices: those with a model, or the training devices) and ``unknown`` (the rest)
+    when ``known`` is given. Groups without clips are left out, and all of them for a split of
+    one device."""
+    per_device = report.get("breakdowns", {}).get("device") or {}
+    present = [d for d, r in per_device.items() if r["count"] and "confusion" in r]
+    if len(present) < 2:
+        return {}
+    groups: dict[str, list[str]] = {}
+    if any(d in REAL_DEVICES + SEEN_DEVICES for d in present):
+        groups["real"] = [d for d in present if d in REAL_DEVICES]
+        groups["seen"] = [d for d in present if d in SEEN_DEVICES]
+        groups["unseen"] = [d for d in present if d not in REAL_DEVICES + SEEN_DEVICES]
+    if known is not None:
+        groups["known"] = [d for d in present if d in known]
+        groups["unknown"] = [d for d in present if d not in known]
+    out = {}
+    for name, devices in groups.items():
+        if not devices:
+            continue
+        conf = sum(np.asarray(per_device[d]["confusion"]) for d in devices)
+        nll = sum(per_device[d]["log_loss"] * per_device[d]["count"] for d in devices)
+        scores = _scores(conf, nll)
+        del scores["confusion"]
+        out[name] = {**scores, "devices": devices}
+    return out
 
 
 def _per_class(confusion: np.ndarray) -> list[float | None]:
@@ -187,9 +234,31 @@ def format_report(report: dict, classes: Sequence[str]) -> str:
         f"| **class-wise mean** | **{fmt(report['classwise_accuracy'])}** | {report['count']} |"
     )
     for name, table in report.get("breakdowns", {}).items():
-        lines += ["", f"| {name} | accuracy | class-wise | clips |", "|---|---:|---:|---:|"]
+        lines += ["", f"| {name} | accuracy | class-wise | log-loss | clips |",
+                  "|---|---:|---:|---:|---:|"]
         for value, r in table.items():
-            lines.append(
-                f"| {value} | {fmt(r['accuracy'])} | {fmt(r['classwise_accuracy'])} | {r['count']} |"
-            )
+            lines.append(f"| {value} | {fmt(r['accuracy'])} | {fmt(r['classwise_accuracy'])} | "
+                         f"{fmt(r.get('log_loss'))} | {r['count']} |")
+    if report.get("device_groups"):
+        lines += ["", "| device group | devices | accuracy | class-wise | log-loss | clips |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for name, r in report["device_groups"].items():
+            lines.append(f"| {name} | {', '.join(r['devices'])} | {fmt(r['accuracy'])} | "
+                         f"{fmt(r['classwise_accuracy'])} | {fmt(r['log_loss'])} | {r['count']} |")
+    if report.get("general"):  # a device set: the general model alone beside it, per device
+        g, gain = report["general"], report.get("gain") or {}
+        lines += ["", "| device | model | general class-wise | set class-wise | gain |",
+                  "|---|---|---:|---:|---:|",
+                  f"| **all** | routed | {fmt(g['classwise_accuracy'])} | "
+                  f"{fmt(report['classwise_accuracy'])} | {fmt_gain(gain.get('all'))} |"]
+        own = set(report.get("members") or [])
+        for d, r in (report.get("breakdowns", {}).get("device") or {}).items():
+            gr = g["breakdowns"]["device"].get(d, {})
+            lines.append(f"| {d} | {'own' if d in own else 'general'} | "
+                         f"{fmt(gr.get('classwise_accuracy'))} | {fmt(r['classwise_accuracy'])} | "
+                         f"{fmt_gain(gain.get(d))} |")
     return "\n".join(lines)
+
+
+def fmt_gain(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.4f}"

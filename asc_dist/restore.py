@@ -9,6 +9,7 @@ as input cannot be overridden.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,25 @@ from asc_dist.model import autocast, build_model, prepare_model
 # What the weights were trained with: changing any of these makes the model see other inputs.
 FROZEN_KEYS = ("features.", "num_classes", "model.name", "model.input_adapt", "model.resize",
                "data.standardize")
+
+
+def _frozen(cfg: Any) -> dict[str, Any]:
+    """The values of FROZEN_KEYS in ``cfg``, one entry per leaf key."""
+    out: dict[str, Any] = {}
+    for k in FROZEN_KEYS:
+        value = OmegaConf.select(cfg, k.rstrip("."))
+        if isinstance(value, DictConfig):
+            out.update({f"{k}{leaf}": v for leaf, v in OmegaConf.to_container(value).items()})
+        else:
+            out[k] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return out
+
+
+def frozen_differences(trained: Any, run: Any) -> list[str]:
+    """``key (checkpoint X, this run Y)`` for every frozen key whose values differ."""
+    a, b = _frozen(trained), _frozen(run)
+    return [f"{k} (checkpoint {a.get(k)!r}, this run {b.get(k)!r})"
+            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -104,6 +124,20 @@ def build_trained_model(state: dict, cfg: Any, classes: list[str], device: torch
     return prepare_model(model, spec, device).eval()
 
 
+def eval_autocast(eval_precision: str, train_precision: str, device: torch.device):
+    """The context evaluation runs the network in: ``auto`` = training's autocast; ``fp32`` and
+    ``fp16`` none (for fp16 the model and its inputs are cast: asc_dist.validate, ``half``)."""
+    return autocast(train_precision, device) if eval_precision == "auto" else nullcontext()
+
+
+def resampler(state: dict) -> str:
+    """The resampler of the checkpoint's training shards (asc_dist.audio.RESAMPLERS): what raw
+    files of other rates go through at inference. Checkpoints older than the record: soxr."""
+    from asc_dist.audio import RESAMPLER
+
+    return str(state.get("resampler") or RESAMPLER)
+
+
 @dataclass
 class Restored:
     """A checkpoint made ready for inference."""
@@ -116,9 +150,24 @@ class Restored:
     step: int
     state: dict
 
+    @property
+    def resampler(self) -> str:
+        return resampler(self.state)
+
+    @property
+    def train_devices(self) -> list[str]:
+        """The recording devices of the clips the model was trained on (empty: not recorded)."""
+        return list(self.state.get("train_devices") or [])
+
     def autocast(self, device: torch.device):
-        """bf16 autocast exactly when training used it on this device type (precision=auto|bf16)."""
-        return autocast(self.cfg.train.precision, device)
+        """The network's context per train.eval_precision (auto: bf16 autocast exactly when
+        training used it on this device type)."""
+        return eval_autocast(self.cfg.train.eval_precision, self.cfg.train.precision, device)
+
+    @property
+    def half(self) -> bool:
+        """train.eval_precision=fp16: the model and its inputs are cast to float16."""
+        return self.cfg.train.eval_precision == "fp16"
 
 
 def restore(checkpoint: str | Path, *, overrides: Sequence[str] = (),

@@ -10,6 +10,7 @@ level, event timing and noise (asc_dist.synth lays the clips out as a TUT 2018 d
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -201,6 +202,42 @@ def _fast_len(n: int) -> int:
             p35 *= 3
         p5 *= 5
     return best
+
+
+# The reference device records flat; TAU's real device "a" (a Soundman OKM II binaural
+# microphone) is the one the others are compared with.
+REFERENCE_DEVICE = "a"
+
+
+@lru_cache(maxsize=32)
+def device_response_db(device: str, n: int, sr: int) -> np.ndarray:
+    """A simulated recording device's fixed magnitude response (dB per rfft bin of an ``n``-sample
+    clip): a smooth colouring of a few dB, a low cut (12 dB/octave) and a high cut (24 dB/octave)
+    at frequencies of its own, all drawn from its name alone. The reference device is flat."""
+    freqs = np.fft.rfftfreq(n, 1.0 / sr)
+    if device == REFERENCE_DEVICE:
+        return np.zeros_like(freqs)
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(device.encode()).digest()[:8], "little"))
+    lf = np.log2(np.maximum(freqs, 20.0) / 20.0) / 10.0
+    eq = np.zeros_like(freqs)
+    for k in range(1, 5):
+        eq += rng.normal(0.0, 2.5) * np.cos(math.pi * k * lf + rng.uniform(0, 2 * math.pi))
+    low, high = rng.uniform(100.0, 500.0), min(rng.uniform(3000.0, 7000.0), 0.45 * sr)
+    f = np.maximum(freqs, 1.0)
+    eq -= 12.0 * np.log2(np.maximum(low / f, 1.0))
+    eq -= 24.0 * np.log2(np.maximum(f / high, 1.0))
+    return eq
+
+
+def record(x: np.ndarray, device: str, sr: int) -> np.ndarray:
+    """``x [channels, n]`` as ``device`` records it (:func:`device_response_db`), peak <= 0.99."""
+    if device == REFERENCE_DEVICE:
+        return x
+    gain = 10.0 ** (device_response_db(device, x.shape[-1], sr) / 20.0)
+    y = np.fft.irfft(np.fft.rfft(x, axis=-1) * gain, n=x.shape[-1], axis=-1)
+    y *= np.sqrt(np.mean(x**2) / (np.mean(y**2) + 1e-20))  # the same loudness, another colour
+    peak = np.abs(y).max()
+    return y * (0.99 / peak) if peak > 0.99 else y
 
 
 @lru_cache(maxsize=8)

@@ -12,6 +12,13 @@ The scene classes and their rendering are asc_dist.scenes. Test locations never 
 training, so a model must learn the class signature rather than memorise locations: chance is
 10 %, a small CNN gets well above 80 % on held-out locations.
 
+``--devices a,b,s1 [--unseen-devices s4]`` records the scenes with simulated devices instead
+(asc_dist.scenes.record: a fixed filter per device, "a" flat) in the TAU Urban Acoustic Scenes
+2022 Mobile layout (1-s clips by default): ``audio/<scene>-<city>-<location>-<segment>-0-<device>.wav``,
+meta.csv's ``source_label`` the device, ``evaluation_setup/fold1_{train,evaluate,test}.csv`` with a
+header row. Training clips take the ``--devices`` in turn; test clips those and the unseen ones,
+which never occur in training (DCASE 2025's devices s4-s6).
+
 Deterministic: the same arguments give byte-identical files.
 """
 
@@ -23,7 +30,9 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +50,7 @@ from asc_dist.scenes import (
     city_eqs,
     jitter_location,
     location_shape_db,
+    record,
     render_clip,
     seeded,
 )
@@ -48,6 +58,7 @@ from asc_dist.scenes import (
 log = logging.getLogger(__name__)
 
 DEVICE = "a"
+DEVICE_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]+")  # as asc_dist.pack.layouts.TUT_NAME reads it
 META_HEADER = "filename\tscene_label\tidentifier\tsource_label"
 
 
@@ -93,10 +104,11 @@ def split_sizes(clips_per_class: int, seed: int = 0, segments_per_location: int 
 def _make_clip(task: tuple) -> None:
     """Worker: render one clip and write it. Depends only on its task, so any worker count
     gives the same bytes."""
-    path, params, city, segment, seed, n, sr, channels, subtype = task
+    path, params, city, segment, seed, n, sr, channels, subtype, device = task
     freqs, eqs = city_eqs(seed, n, sr)
     shape = location_shape_db(params, eqs[city], freqs)
-    x = render_clip(params, shape, eqs[city], seeded(seed, 3, segment), n, sr, channels)
+    x = record(render_clip(params, shape, eqs[city], seeded(seed, 3, segment), n, sr, channels),
+               device, sr)
     sf.write(path, x.T.astype(np.float32), sr, subtype=subtype, format="WAV")
 
 
@@ -114,8 +126,11 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     bank: int | None = None,
+    devices: Sequence[str] = (),
+    unseen_devices: Sequence[str] = (),
 ) -> Path:
-    """Write a synthetic TUT-2018-layout dataset to ``out_dir`` and return its path.
+    """Write a synthetic TUT-2018-layout dataset to ``out_dir`` and return its path; with
+    ``devices``, recorded by those simulated devices in the TAU 2022 layout (module doc).
 
     The dataset is built in a temp dir beside ``out_dir`` and renamed into place when complete,
     so ``out_dir`` never holds a half-written dataset. An existing non-empty ``out_dir`` is an
@@ -131,18 +146,29 @@ def generate(
         raise UserError(f"sample_rate={sample_rate}: the scene signatures need >= 16000 Hz")
     if not 0 < test_fraction < 1:
         raise UserError(f"test_fraction={test_fraction}: must be in (0, 1)")
+    devices, unseen_devices = list(devices), list(unseen_devices)
+    if unseen_devices and not devices:
+        raise UserError("unseen devices need --devices (the devices of the training clips)")
+    for d in devices + unseen_devices:
+        if not DEVICE_NAME.fullmatch(d):
+            raise UserError(f"device {d!r}: a TAU device id is lower-case letters and digits, not "
+                            f"only digits (a, b, s1, ...)")
+    if len(set(devices + unseen_devices)) != len(devices + unseen_devices):
+        raise UserError(f"devices {devices} and unseen devices {unseen_devices} must be distinct")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
     with atomic.staged_dir(out, overwrite=True) as tmp:
         _write_dataset(tmp, clips_per_class, duration, sample_rate, seed, channels, subtype,
-                       segments_per_location, test_fraction, workers, progress, bank)
+                       segments_per_location, test_fraction, workers, progress, bank,
+                       devices, unseen_devices)
     return out
 
 
 def _write_dataset(tmp: Path, clips_per_class: int, duration: float, sample_rate: int, seed: int,
                    channels: int, subtype: str, segments_per_location: int, test_fraction: float,
-                   workers: int, progress: bool, bank: int | None = None) -> None:
+                   workers: int, progress: bool, bank: int | None = None,
+                   devices: list[str] | None = None, unseen: list[str] | None = None) -> None:
     (tmp / "audio").mkdir(parents=True)
     (tmp / "evaluation_setup").mkdir()
     n = round(duration * sample_rate)
@@ -154,15 +180,21 @@ def _write_dataset(tmp: Path, clips_per_class: int, duration: float, sample_rate
         lk = (clip["class_idx"], clip["loc_index"])
         if lk not in loc_params:
             loc_params[lk] = jitter_location(SPECS[clip["scene"]], seeded(seed, 2, *lk))
-        name = f"audio/{clip['scene']}-{clip['city']}-{clip['loc_id']}-{clip['segment']}-{DEVICE}.wav"
+        stem = f"{clip['scene']}-{clip['city']}-{clip['loc_id']}-{clip['segment']}"
+        if devices:  # TAU 2022: <segment>-<index>-<device>, the devices in turn
+            choice = devices + (unseen or []) if clip["test"] else devices
+            device = choice[clip["segment"] % len(choice)]
+            name = f"audio/{stem}-0-{device}.wav"
+        else:
+            device, name = DEVICE, f"audio/{stem}-{DEVICE}.wav"
         done = rendered.setdefault(clip["class_idx"], [])
         if bank and len(done) >= bank:  # the same bytes under another name: a hard link
             copies.append((done[len(copies) % len(done)], str(tmp / name)))
         else:
             done.append(str(tmp / name))
             tasks.append((str(tmp / name), loc_params[lk], clip["city"], clip["segment"], seed, n,
-                          sample_rate, channels, subtype))
-        rows.append((name, clip["scene"], f"{clip['city']}-{clip['loc_id']}", clip["test"]))
+                          sample_rate, channels, subtype, device))
+        rows.append((name, clip["scene"], f"{clip['city']}-{clip['loc_id']}", clip["test"], device))
     pool = mp.get_context("spawn").Pool(workers, initializer=tune_malloc) if workers > 1 else None
     try:
         done = pool.imap_unordered(_make_clip, tasks, chunksize=4) if pool else map(_make_clip, tasks)
@@ -172,11 +204,13 @@ def _write_dataset(tmp: Path, clips_per_class: int, duration: float, sample_rate
         for src, dst in copies:
             os.link(src, dst)
         rows.sort()
-        _write_text(tmp / "meta.csv", [META_HEADER] + [f"{f}\t{s}\t{i}\t{DEVICE}" for f, s, i, _ in rows])
+        _write_text(tmp / "meta.csv", [META_HEADER] + [f"{f}\t{s}\t{i}\t{d}" for f, s, i, _, d in rows])
         es = tmp / "evaluation_setup"
-        _write_text(es / "fold1_train.txt", [f"{f}\t{s}" for f, s, _, test in rows if not test])
-        _write_text(es / "fold1_test.txt", [f for f, _, _, test in rows if test])
-        _write_text(es / "fold1_evaluate.txt", [f"{f}\t{s}" for f, s, _, test in rows if test])
+        # TAU 2019 and later: .csv fold files with a header row; TUT 2018: .txt without one
+        ext, head = (".csv", [["filename\tscene_label"], ["filename"]]) if devices else (".txt", [[], []])
+        _write_text(es / f"fold1_train{ext}", head[0] + [f"{f}\t{s}" for f, s, _, t, _ in rows if not t])
+        _write_text(es / f"fold1_test{ext}", head[1] + [f for f, _, _, t, _ in rows if t])
+        _write_text(es / f"fold1_evaluate{ext}", head[0] + [f"{f}\t{s}" for f, s, _, t, _ in rows if t])
     finally:
         if pool is not None:
             pool.terminate()
@@ -197,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("out_dir", help="output dataset folder (created)")
     ap.add_argument("--clips-per-class", type=int, default=40)
-    ap.add_argument("--duration", type=float, default=10.0, help="clip length in seconds")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="clip length in seconds (default 10; 1 with --devices, as TAU 2022)")
     ap.add_argument("--sample-rate", type=int, default=48000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--channels", type=int, default=2)
@@ -207,16 +242,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing OUT_DIR (the new dataset is renamed into place when complete)")
+    ap.add_argument("--devices", default="",
+                    help="comma list of simulated recording devices (e.g. a,b,c,s1,s2,s3): the TAU "
+                         "2022 Mobile layout, each clip filtered by its device's response")
+    ap.add_argument("--unseen-devices", default="",
+                    help="devices that record test clips only (e.g. s4,s5,s6); needs --devices")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    devices = [d.strip() for d in a.devices.split(",") if d.strip()]
+    unseen = [d.strip() for d in a.unseen_devices.split(",") if d.strip()]
+    duration = a.duration if a.duration is not None else (1.0 if devices else 10.0)
     tune_malloc()
     out = generate(
-        a.out_dir, clips_per_class=a.clips_per_class, duration=a.duration,
+        a.out_dir, clips_per_class=a.clips_per_class, duration=duration,
         sample_rate=a.sample_rate, seed=a.seed, channels=a.channels, subtype=a.subtype,
         segments_per_location=a.segments_per_location, workers=a.workers,
-        overwrite=a.overwrite, progress=not a.no_progress,
+        overwrite=a.overwrite, progress=not a.no_progress, devices=devices, unseen_devices=unseen,
     )
-    log.info(f"wrote {a.clips_per_class * len(SCENES)} clips to {out}")
+    recorded = f" recorded by devices {', '.join(devices + unseen)}" if devices else ""
+    log.info(f"wrote {a.clips_per_class * len(SCENES)} clips{recorded} to {out}")
     return 0
 
 

@@ -31,6 +31,8 @@ from asc_dist import atomic, complexity, dist, plots
 from asc_dist import config as config_lib
 from asc_dist.augment import Augment
 from asc_dist.checkpoint import Checkpointer, check_compatible, rng_state, set_rng_state
+from asc_dist.checkpoint import file_sha256
+from asc_dist.checkpoint import load as load_checkpoint
 from asc_dist.cli import EXIT_ERROR, EXIT_STOPPED, command
 from asc_dist.data import build_source
 from asc_dist.data.manifest import load_split
@@ -45,7 +47,7 @@ from asc_dist.mixup import Mixup
 from asc_dist.model import autocast, build_model, prepare_model, pretrained_file
 from asc_dist.optim import build_optimizer, build_scheduler
 from asc_dist.progress import Progress
-from asc_dist.restore import resolve_checkpoint
+from asc_dist.restore import eval_autocast, feature_standardizer, resolve_checkpoint
 from asc_dist.runlock import RunLock
 from asc_dist.tracking import Tracker, check_credentials, read_metrics
 from asc_dist.validate import evaluate, sample_groups, write_report
@@ -80,15 +82,21 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     autocast: Any
+    eval_autocast: Any  # train.eval_precision's (auto: the training autocast)
     complexity: dict | None  # report.json's entry (rank 0)
     kd_sum: torch.Tensor | None = None  # the distillation term summed over the log window
+    init_from: dict | None = None  # train.init_from's file and sha256 (checkpoints record it)
 
 
 def preflight(cfg: DictConfig) -> None:
     """What can fail before any process group starts: shards, weights, W&B, a live run."""
     for split in (cfg.data.train_split, cfg.data.test_split):
         load_split(cfg.data.shards, split)
-    pretrained_file(cfg.model)
+    load_split(cfg.data.shards, cfg.data.train_split).device_ids(cfg.data.devices)
+    if cfg.train.init_from is not None:
+        resolve_checkpoint(cfg.train.init_from)
+    else:
+        pretrained_file(cfg.model)
     for teacher in cfg.distill.teachers:  # a typo in a path fails now, not after the data work
         resolve_checkpoint(teacher)
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
@@ -112,7 +120,9 @@ def lock_run_dir(cfg: DictConfig, env: dist.DistEnv) -> RunLock | None:
     return lock
 
 
-def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
+def build(cfg: DictConfig, env: dist.DistEnv, resuming: bool = False) -> Parts:
+    """The run's parts; ``resuming``: its own checkpoint will replace the weights (so
+    ``train.init_from``'s are not loaded, while its feature statistics still are)."""
     per_rank = cfg.train.global_batch // env.world_size
     sources = [build_source(cfg, split, train=is_train, rank=env.rank, world_size=env.world_size,
                             device=env.device, batch_size=per_rank, seed=cfg.train.seed)
@@ -121,8 +131,11 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
     if len(classes) != cfg.num_classes:
         raise ConfigError(
             f"num_classes={cfg.num_classes} but the shards in {cfg.data.shards} have {len(classes)} classes")
+    init = InitFrom(cfg, classes) if cfg.train.init_from is not None else None
     stats = None
-    if cfg.data.standardize:  # rank 0 computes the training-split statistics once; the rest read them
+    if init is not None:  # the statistics the weights were trained with, not this split's
+        stats = init.stats
+    elif cfg.data.standardize:  # rank 0 computes the training-split statistics once; the rest read them
         resident = sources[0].table.features if sources[0].cached else None
         if env.is_main:
             stats = load_or_compute_stats(cfg, device=env.device, features=resident)
@@ -133,7 +146,9 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
     # Seeded here, after the data work (loaders draw from the global RNG): identical initial
     # weights on every rank, whether or not this run had to compute the feature statistics.
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, len(classes))
+    model = build_model(cfg.model, len(classes), load_weights=init is None)
+    if init is not None and not resuming:
+        init.load_into(model, announce=env.is_main)
     # every rank counts (a model that cannot take the configured input fails on all of them, not
     # on rank 0 alone while the others wait in DDP's first collective); rank 0 says it
     counts = log_complexity(cfg, model, announce=env.is_main)
@@ -154,9 +169,47 @@ def build(cfg: DictConfig, env: dist.DistEnv) -> Parts:
         optimizer=optimizer,
         scheduler=build_scheduler(cfg.optim, optimizer, cfg.train.max_iters),
         autocast=autocast(cfg.train.precision, env.device),
+        eval_autocast=eval_autocast(cfg.train.eval_precision, cfg.train.precision, env.device),
         complexity=counts,
         kd_sum=torch.zeros((), device=env.device) if teacher is not None else None,
+        init_from=None if init is None else {"path": str(init.path), "sha256": init.sha256},
     )
+
+
+class InitFrom:
+    """``train.init_from``: a trained checkpoint this run starts from (device-specific
+    fine-tuning): the whole model loaded strictly, its feature statistics, refused when its
+    front end, architecture or classes are not this run's."""
+
+    def __init__(self, cfg: DictConfig, classes: list[str]):
+        from asc_dist.restore import checkpoint_config, frozen_differences
+
+        self.path = resolve_checkpoint(cfg.train.init_from)
+        self.state = load_checkpoint(self.path)
+        self.sha256 = file_sha256(self.path)
+        trained = checkpoint_config(self.state, path=self.path)
+        where = f"train.init_from={cfg.train.init_from}"
+        differ = frozen_differences(trained, cfg)
+        if differ:
+            raise ConfigError(f"{where}: the checkpoint was trained with other settings that fix "
+                              f"what its weights expect: {'; '.join(differ)}")
+        if list(self.state.get("classes") or []) != list(classes):
+            raise ConfigError(f"{where}: the checkpoint's classes {self.state.get('classes')} are "
+                              f"not this run's {list(classes)} (the head would name others)")
+        self.stats = None
+        if cfg.data.standardize:
+            s = feature_standardizer(self.state, trained, path=self.path)
+            self.stats = (s.mean.flatten(), s.std.flatten())
+
+    def load_into(self, model: torch.nn.Module, announce: bool) -> None:
+        try:
+            model.load_state_dict(self.state["model"], strict=True)
+        except (RuntimeError, KeyError) as e:
+            raise ConfigError(f"train.init_from={self.path}: its weights do not fit this model: "
+                              f"{str(e).splitlines()[0]}") from None
+        if announce:
+            log.info(f"initialised from {self.path} (step {self.state.get('step')}): every weight, "
+                     f"head included, and its feature statistics")
 
 
 def log_complexity(cfg: DictConfig, model: torch.nn.Module, announce: bool = True) -> dict:
@@ -181,12 +234,29 @@ def checkpoint_state(cfg: DictConfig, p: Parts, step: int, best: float, wandb_id
         "best_metric": best, "data": {"steps_per_epoch": p.train_src.steps_per_epoch, "next_step": step},
         # So evaluate/predict/export need no training shards to reproduce the model's input.
         "feature_stats": None if p.stats is None else {"mean": p.stats[0].cpu(), "std": p.stats[1].cpu()},
+        # How the training audio was resampled (predict and export treat raw files alike) and
+        # which recording devices it came from (known vs unknown devices in reports).
+        "resampler": (p.train_src.index.manifest.get("settings") or {}).get("resampler"),
+        "train_devices": train_devices(p.train_src),
+        "init_from": p.init_from,
     }
 
 
-def resume(cfg: DictConfig, p: Parts, ckpt: Checkpointer, is_main: bool) -> tuple[int, float, str | None]:
-    """Load the checkpoint ``resume`` points at (if any); return (step, best metric, W&B run id)."""
-    path = None if cfg.resume == "never" else (ckpt.latest() if cfg.resume == "auto" else Path(cfg.resume))
+def train_devices(source) -> list[str]:
+    """The recording devices of the clips ``source`` trains on (data.devices' subset or all)."""
+    samples = source.index.samples
+    picked = samples if source.ids is None else [samples[i] for i in source.ids]
+    return sorted({str(s.device) for s in picked if s.device is not None})
+
+
+def resume_path(cfg: DictConfig, ckpt: Checkpointer) -> Path | None:
+    """The checkpoint ``resume`` points at, if any."""
+    return None if cfg.resume == "never" else (ckpt.latest() if cfg.resume == "auto" else Path(cfg.resume))
+
+
+def resume(path: Path | None, cfg: DictConfig, p: Parts, ckpt: Checkpointer,
+           is_main: bool) -> tuple[int, float, str | None]:
+    """Load checkpoint ``path`` (if any); return (step, best metric, W&B run id)."""
     if path is None:
         return 0, -1.0, None
     state = ckpt.load(path)
@@ -200,7 +270,8 @@ def resume(cfg: DictConfig, p: Parts, ckpt: Checkpointer, is_main: bool) -> tupl
         log.warning(f"{path} was trained with {saved} steps per epoch, this run has "
                     f"{p.train_src.steps_per_epoch} (world size or train.global_batch changed): "
                     f"training continues, but its data order is no longer the uninterrupted run's")
-    log.info(f"resumed from {path} at step {state['step']}")
+    log.info(f"resumed from {path} at step {state['step']}"
+             + (" (train.init_from is not read again)" if cfg.train.init_from else ""))
     return state["step"], state["best_metric"], state.get("wandb_id")
 
 
@@ -220,6 +291,8 @@ def train_step(p: Parts, batch, mix_gen: torch.Generator, aug_gen: torch.Generat
         kd = kd_loss(logits, target, d.temperature, d.class_reduction)
         loss = (1 - d.weight) * loss + d.weight * kd
         p.kd_sum += kd.detach()
+    if batch.weight != 1.0:  # a partial last batch (train.drop_last=false): see asc_dist.data
+        loss = loss * batch.weight
     grad_clip = cfg.train.grad_clip
     p.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -254,9 +327,10 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
     try:
         if env.is_main:
             atomic.write_text(run_dir / "config.yaml", config_lib.to_yaml(cfg))
-        p = build(cfg, env)
         ckpt = Checkpointer(run_dir, keep_last=tc.keep_last, is_writer=env.is_main)
-        start, best, wandb_id = resume(cfg, p, ckpt, env.is_main)
+        restart = resume_path(cfg, ckpt)
+        p = build(cfg, env, resuming=restart is not None)
+        start, best, wandb_id = resume(restart, cfg, p, ckpt, env.is_main)
         tracker = Tracker(cfg, run_dir, enabled=env.is_main, resume_id=wandb_id)
         progress = Progress(tc.max_iters, every=tc.log_every, clips_per_step=tc.global_batch,
                             enabled=env.is_main)
@@ -292,8 +366,10 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
             with progress.paused():
                 is_best = False
                 if step % tc.eval_every == 0 or step == tc.max_iters:
-                    report, preds = evaluate(p.model, p.test_src, p.standardize, groups, p.autocast,
-                                             keep=step == tc.max_iters)
+                    report, preds = evaluate(p.model, p.test_src, p.standardize, groups,
+                                             p.eval_autocast, keep=step == tc.max_iters,
+                                             half=tc.eval_precision == "fp16",
+                                             known=train_devices(p.train_src))
                     tracker.log_eval(step, report, p.classes)
                     is_best, best = report["classwise_accuracy"] > best, max(best, report["classwise_accuracy"])
                     log.info(f"step {step}: class-wise accuracy {report['classwise_accuracy']:.4f} "
@@ -386,15 +462,19 @@ def resolve_epochs(cfg: DictConfig, world_size: int) -> DictConfig:
     (its size, the world size and train.global_batch fix it before anything starts)."""
     if cfg.train.epochs == 0:
         return cfg
-    n = load_split(cfg.data.shards, cfg.data.train_split).num_samples
-    steps = train_steps(n, cfg.train.global_batch // world_size, world_size)
+    index = load_split(cfg.data.shards, cfg.data.train_split)
+    ids = index.device_ids(cfg.data.devices)
+    n = index.num_samples if ids is None else len(ids)
+    chosen = f" of devices {list(cfg.data.devices)}" if ids is not None else ""
+    steps = train_steps(n, cfg.train.global_batch // world_size, world_size, cfg.train.drop_last)
     if steps == 0:
         raise ConfigError(f"train.epochs={cfg.train.epochs}: split '{cfg.data.train_split}' has "
-                          f"{n} clips, fewer than one global batch ({cfg.train.global_batch})")
+                          f"{n} clips{chosen}, fewer than one global batch ({cfg.train.global_batch})")
     iters = cfg.train.epochs * steps
     if dist.env_rank() == 0:
-        log.info(f"train.epochs={cfg.train.epochs} x {steps} steps per epoch ({n} clips, global "
-                 f"batch {cfg.train.global_batch}) = {iters} iterations")
+        last = "" if cfg.train.drop_last else ", the last one partial where N is not a multiple"
+        log.info(f"train.epochs={cfg.train.epochs} x {steps} steps per epoch ({n} clips{chosen}, "
+                 f"global batch {cfg.train.global_batch}{last}) = {iters} iterations")
     resolved = OmegaConf.merge(cfg, {"train": {"max_iters": iters}})
     OmegaConf.set_readonly(resolved, True)
     return resolved

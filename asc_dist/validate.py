@@ -9,6 +9,7 @@ statistics over runs (asc_dist.table1) need no re-inference.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import sys
@@ -20,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from asc_dist import atomic, dist
-from asc_dist.metrics import ClassificationMeter, format_report
+from asc_dist.metrics import ClassificationMeter, device_groups, format_report
 from asc_dist.plots import plot_confusion, plot_per_class
 
 BREAKDOWNS = ("city", "device")
@@ -49,14 +50,23 @@ class Predictions:
 
 @torch.no_grad()
 def evaluate(model, source, standardize, groups, autocast, progress: bool = False,
-             keep: bool = False) -> tuple[dict, Predictions | None]:
+             keep: bool = False, half: bool = False, known: list[str] | None = None
+             ) -> tuple[dict, Predictions | None]:
     """Score every sample of ``source`` exactly once across ranks; identical report on all ranks.
 
-    ``keep``: also return every clip's prediction, gathered from all ranks.
+    ``keep``: also return every clip's prediction, gathered from all ranks. ``half``: a float16
+    copy of the model scores float16 inputs (the standardised features are cast), as the DCASE
+    2024/2025 baselines report their test numbers; the model itself is left as it is. A model
+    that routes by device (asc_dist.devices.RoutedModel: standardises itself) gets each row's
+    device from ``groups``. ``known``: the devices the model knows (asc_dist.metrics.device_groups).
     """
     by_key, vocab = groups
     module = dist.unwrap(model)
     dist.broadcast_buffers(module)
+    trained = module
+    routed = getattr(module, "routes_by_device", False)
+    if half and not routed:  # a router holds float16 members already if asked to
+        module = copy.deepcopy(module).half()
     module.eval()
     meter = ClassificationMeter(source.classes, groups=vocab)
     batches = source.epoch(0)
@@ -68,17 +78,25 @@ def evaluate(model, source, standardize, groups, autocast, progress: bool = Fals
     kept: list[tuple[list[str], list[int], np.ndarray]] = []
     for batch in batches:
         x = standardize(batch.features)  # features stay float32: only the network runs in bf16
-        with autocast:
-            logits = module(x)
+        if half and not routed:
+            x = x.half()
         group_values = {g: [by_key.get(k, {}).get(g, "None") for k in batch.keys] for g in vocab}
+        with autocast:
+            if routed:
+                logits = module(x, [by_key.get(k, {}).get("device") for k in batch.keys])
+            else:
+                logits = module(x)
         meter.update(logits.float(), batch.labels, batch.valid, group_values=group_values)
         if keep:
             valid = batch.valid.cpu().numpy()
             kept.append(([k for k, ok in zip(batch.keys, valid) if ok],
                          batch.labels.cpu().numpy()[valid].tolist(),
                          logits.float().softmax(dim=1).cpu().numpy()[valid]))
-    module.train()
+    trained.train()
     report = meter.compute(reduce=dist.all_reduce_sum)
+    groups_of_devices = device_groups(report, known)
+    if groups_of_devices:
+        report["device_groups"] = groups_of_devices
     if not keep:
         return report, None
     # Ranks hold contiguous shares of the split: rank order is the stored order.

@@ -87,7 +87,7 @@ def test_logits_command_writes_the_ensemble_mean_once(teachers, tmp_path, cli):
     assert not torch.allclose(singles[0].logits, singles[1].logits)
     # recorded by digest: the same teachers named in another order are the same file
     assert [t["digest"] for t in both["teachers"]] == sorted(
-        distill.file_digest(distill_ckpt(t)) for t in (t0, t1))
+        distill.file_sha256(distill_ckpt(t)) for t in (t0, t1))
     r = cli(distill.main, ["logits", t1, t0, "--split", split])
     assert json.loads(r.stdout)["out"] == out["out"] and "teacher logits:" not in r.stderr
 
@@ -230,7 +230,7 @@ def test_read_only_split_storage_keeps_the_logits_in_the_run_dir(teachers, tmp_p
 
     shards, (t0, _) = teachers
     index = load_split(shards, "test")
-    target = distill.default_path(index.dir, [distill.file_digest(distill_ckpt(t0))],
+    target = distill.default_path(index.dir, [distill.file_sha256(distill_ckpt(t0))],
                                   manifest_digest(index.dir))
     target.mkdir()
     try:

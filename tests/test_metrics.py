@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from asc_dist.metrics import ClassificationMeter, format_report
+from asc_dist.metrics import ClassificationMeter, device_groups, format_report
 from asc_dist.plots import plot_confusion, plot_per_class
 
 CLASSES = ["airport", "bus", "metro", "park", "tram"]  # "tram" never appears as a label
@@ -88,8 +88,36 @@ def test_breakdowns_match_direct_computation():
             assert got["count"] == ref["count"]
             assert got["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
             assert got["classwise_accuracy"] == pytest.approx(ref["classwise_accuracy"], abs=1e-12)
+            assert got["log_loss"] == pytest.approx(ref["log_loss"], rel=1e-6)
             total += got["count"]
         assert total == report["count"]
+
+
+def test_device_groups_pool_the_devices_as_one_split_would():
+    """real / seen / unseen (DCASE 2025's groups) and known / unknown equal the metrics of the
+    pooled clips, computed directly."""
+    devices = ["a", "b", "s1", "s2", "s4", "s7"]
+    g = np.random.default_rng(5)
+    logits, labels, valid, groups = random_eval(n=300, seed=4)
+    groups["device"] = [devices[i] for i in g.integers(0, len(devices), size=300)]
+    meter = ClassificationMeter(CLASSES, groups={"device": devices})
+    feed(meter, logits, labels, valid, {"device": groups["device"]}, 0, 300)
+    report = meter.compute()
+    pooled = device_groups(report, known=["a", "s1", "s2"])
+    assert set(pooled) == {"real", "seen", "unseen", "known", "unknown"}
+    values = np.array(groups["device"])
+    for name, members in (("real", ["a", "b"]), ("seen", ["s1", "s2"]), ("unseen", ["s4", "s7"]),
+                          ("known", ["a", "s1", "s2"]), ("unknown", ["b", "s4", "s7"])):
+        ref = numpy_reference(logits.astype(np.float32), labels, valid & np.isin(values, members))
+        got = pooled[name]
+        assert got["devices"] == members and got["count"] == ref["count"]
+        assert got["classwise_accuracy"] == pytest.approx(ref["classwise_accuracy"], abs=1e-12)
+        assert got["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+        assert got["log_loss"] == pytest.approx(ref["log_loss"], rel=1e-6)
+    # no DCASE ids and no known devices: nothing to pool
+    assert device_groups({"breakdowns": {"device": {"x": report["breakdowns"]["device"]["a"]}}}) == {}
+    text = format_report({**report, "device_groups": pooled}, CLASSES)
+    assert "| unseen | s4, s7 |" in text
 
 
 def test_reduce_over_two_ranks_equals_one_meter():
@@ -123,10 +151,14 @@ def test_reduce_over_two_ranks_equals_one_meter():
             "classwise_accuracy",
             "confusion",
             "per_class",
-            "breakdowns",
         ):
             assert r[key] == expected[key], key
         assert r["log_loss"] == pytest.approx(expected["log_loss"], rel=1e-12)
+        for name, table in expected["breakdowns"].items():  # summed in another order: log loss
+            for v, want in table.items():                    # to rounding, the rest exactly
+                got = r["breakdowns"][name][v]
+                assert got["log_loss"] == pytest.approx(want["log_loss"], rel=1e-12)
+                assert {**got, "log_loss": 0} == {**want, "log_loss": 0}
     assert r0 == r1  # identical on every rank
     assert rank0.compute()["count"] < expected["count"]  # compute() did not alter local state
 

@@ -4,8 +4,12 @@
     for batch in src.epoch(e, start_step=k): ...   # Batch(features, labels, keys, valid)
 
 Training epochs are a pure function of (seed, epoch): each rank reads a disjoint share and runs
-exactly ``steps_per_epoch`` full batches, so DDP ranks never wait on each other at an epoch's end,
-and ``epoch(e, start_step=k)`` resumes at global step ``e * steps_per_epoch + k``. Streaming
+exactly ``steps_per_epoch`` batches, so DDP ranks never wait on each other at an epoch's end,
+and ``epoch(e, start_step=k)`` resumes at global step ``e * steps_per_epoch + k``. Batches are
+full, except with ``train.drop_last`` off the final one of an epoch, which carries the
+``weight`` its rank's loss is scaled by (asc_dist.data.sharding.loss_weight); a rank with no
+clip left gets one padding row (``valid=False``) of weight 0, so DDP still sees its backward.
+``data.devices`` keeps the training epochs to the clips of those recording devices. Streaming
 backends decode and compute features as they go; the feature cache (``data.cache``,
 asc_dist.data.cache) computes them once and serves every epoch from the device. Evaluation
 visits each sample once across ranks; every rank runs the same number of batches, with padding
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 
 from asc_dist.data.manifest import DataError, SplitIndex, load_split
-from asc_dist.data.sharding import eval_steps, train_steps
+from asc_dist.data.sharding import eval_steps, loss_weight, remainder, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,8 @@ class Batch:
     features: torch.Tensor  # [B, 1, n_mels, frames] float32 dB on the training device
     labels: torch.Tensor  # [B] int64 on device; -1 = unlabelled / padding
     keys: Sequence[str]  # sample keys; "" for padding rows
-    valid: torch.Tensor  # [B] bool on device; False = padding (evaluation only)
+    valid: torch.Tensor  # [B] bool on device; False = padding
+    weight: float = 1.0  # the factor on this rank's mean loss (a partial last batch: see above)
 
 
 class BatchSource:
@@ -64,15 +69,34 @@ class BatchSource:
         self.num_samples = self.index.num_samples
         if train and not self.index.labelled:
             raise DataError(f"split '{split}' in {cfg.data.shards} is unlabelled: cannot train on it")
+        # Training only: the clips of data.devices (None: all), and whether to keep a last
+        # partial batch per epoch.
+        self.ids = self.index.device_ids(cfg.data.devices) if train else None
+        self.drop_last = bool(cfg.train.drop_last) if train else True
         if train:
-            self.steps_per_epoch = train_steps(self.num_samples, batch_size, world_size)
+            n = self.num_train
+            self.steps_per_epoch = train_steps(n, batch_size, world_size, self.drop_last)
             if self.steps_per_epoch == 0:
+                chosen = f" of devices {list(cfg.data.devices)}" if self.ids is not None else ""
                 raise DataError(
-                    f"split '{split}' has {self.num_samples} samples, fewer than one global batch "
+                    f"split '{split}' has {n} samples{chosen}, fewer than one global batch "
                     f"({batch_size} per rank x {world_size} ranks)"
                 )
+            self.remainder = 0 if self.drop_last else remainder(n, batch_size, world_size)
         else:
             self.steps_per_epoch = eval_steps(self.num_samples, batch_size, world_size)
+            self.remainder = 0
+
+    @property
+    def num_train(self) -> int:
+        """Clips an epoch draws from: the split, or the data.devices subset of it."""
+        return self.num_samples if self.ids is None else len(self.ids)
+
+    def step_weight(self, step: int, rows: int) -> float:
+        """The loss factor of this rank's batch at ``step`` (of an epoch) holding ``rows`` clips."""
+        if not self.remainder or step != self.steps_per_epoch - 1:
+            return 1.0
+        return loss_weight(rows, self.remainder, self.world_size)
 
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from ``start_step`` on (eval ignores ``epoch``: fixed order)."""

@@ -170,19 +170,33 @@ class CachedSource(BatchSource):
     def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
         if self.train:
             plan = global_plan(self.num_samples, seed=self.seed, epoch=epoch, rank=self.rank,
-                               world_size=self.world_size, batch_size=self.batch_size)
+                               world_size=self.world_size, batch_size=self.batch_size,
+                               ids=self.ids, drop_last=self.drop_last)
+            # a rank without clips in a partial last batch reads one real clip at weight 0
+            pad = int(self.ids[0]) if self.ids is not None else 0
         else:
             plan = np.asarray(eval_plan(self.num_samples, rank=self.rank, world_size=self.world_size,
                                         batch_size=self.batch_size))
+            pad = 0
         # One host-to-device copy per epoch; a step is then an index_select on the device.
-        on_device = torch.from_numpy(np.maximum(plan, 0)).to(self.device)
+        on_device = torch.from_numpy(np.where(plan >= 0, plan, pad)).to(self.device)
         valid = torch.from_numpy(plan >= 0).to(self.device)
         for step in range(start_step, len(plan)):
             ids = on_device[step]
+            row = plan[step]
+            rows = int((row >= 0).sum())
+            weight = 1.0
+            if self.train:
+                ok = self._valid
+                if self.remainder and step == len(plan) - 1:  # the partial last batch
+                    # (train.drop_last=false): this rank's share of it, weighted
+                    weight = self.step_weight(step, rows)
+                    ids, ok = ids[:max(rows, 1)], valid[step, :max(rows, 1)]
+            else:
+                ok = valid[step]
             labels = self.table.labels.index_select(0, ids)
-            ok = self._valid if self.train else valid[step]
             if not self.train:
                 labels = torch.where(ok, labels, -1)
-            keys = [self.table.keys[j] if j >= 0 else "" for j in plan[step].tolist()]
+            keys = [self.table.keys[j] if j >= 0 else "" for j in row[:len(ids)].tolist()]
             yield Batch(features=self.table.features.index_select(0, ids), labels=labels,
-                        keys=keys, valid=ok)
+                        keys=keys, valid=ok, weight=weight)

@@ -138,6 +138,13 @@ class DaliSource(BatchSource):
 
     def __init__(self, cfg: Any, split: str, **kw):
         super().__init__(cfg, split, **kw)
+        if self.train and (self.ids is not None or not self.drop_last):
+            # DALI's readers split whole shards between ranks in fixed-size batches: neither a
+            # subset of clips nor a smaller last batch can be asked of them.
+            what = (f"data.devices={list(cfg.data.devices)}" if self.ids is not None
+                    else "train.drop_last=false")
+            raise DataError(f"{what} cannot stream from DALI: use the feature cache "
+                            f"(data.cache=device) or the torch backend (data.backend=torch)")
         self.gpu = self.device.type == "cuda"
         if self.gpu and not torch.cuda.is_available():
             raise DataError(f"device {self.device} requested but CUDA is not available")

@@ -23,8 +23,11 @@ import json
 import logging
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from asc_dist.digest import NAME as DIGEST
 from asc_dist.digest import digest
@@ -51,6 +54,7 @@ class Sample:
     label: tuple[int, int]  # (data offset, size) of <key>.i32
     # {extension: digest} of its members from samples.jsonl; None: packed before digests existed
     digests: dict[str, int] | None = field(default=None, compare=False, repr=False)
+    device: str | None = None  # the recording device samples.jsonl names (meta.csv's source_label)
 
 
 @dataclass
@@ -78,6 +82,27 @@ class SplitIndex:
     def has_digests(self) -> bool:
         """True when samples.jsonl carries per-member digests (packs since they exist)."""
         return bool(self.samples) and self.samples[0].digests is not None
+
+    def device_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.samples:
+            counts[str(s.device)] = counts.get(str(s.device), 0) + 1
+        return dict(sorted(counts.items()))
+
+    def device_ids(self, devices) -> np.ndarray | None:
+        """Stored-order ids of the clips recorded by ``devices`` (``data.devices``), or None for
+        every clip (an empty list). A device the split lacks is refused, naming what it has."""
+        want = [str(d) for d in devices or ()]
+        if not want:
+            return None
+        have = self.device_counts()
+        unknown = [d for d in want if d not in have]
+        if unknown:
+            listed = ", ".join(f"{d} ({n})" for d, n in have.items())
+            raise DataError(f"data.devices={want}: split '{self.split}' in {self.dir.parent} has no "
+                            f"clip of device {', '.join(unknown)}; its devices (clips): {listed}")
+        chosen = set(want)
+        return np.array([i for i, s in enumerate(self.samples) if s.device in chosen], dtype=np.int64)
 
 
 def _parse_index(shard: Shard, audio_ext: str, label_ext: str, shard_pos: int) -> list[Sample]:
@@ -217,9 +242,17 @@ def repack_hint(split_dir: Path) -> str:
             f"the file")
 
 
-def read_digests(split_dir: Path) -> list[tuple[str, str, dict[str, int] | None]] | None:
-    """(key, shard name, {extension: digest} or None) per line of ``samples.jsonl``; None when
-    the file is missing. A line without digests (an older pack) has None."""
+class Record(NamedTuple):
+    """One line of ``samples.jsonl`` as the readers use it."""
+
+    key: str
+    shard: str | None
+    digests: dict[str, int] | None  # None on a line of an older pack
+    device: str | None
+
+
+def read_digests(split_dir: Path) -> list[Record] | None:
+    """A :class:`Record` per line of ``samples.jsonl``; None when the file is missing."""
     path = split_dir / "samples.jsonl"
     try:
         text = path.read_text(encoding="utf-8")
@@ -234,8 +267,9 @@ def read_digests(split_dir: Path) -> list[tuple[str, str, dict[str, int] | None]
         try:
             r = json.loads(line)
             d = r.get(DIGEST)
-            out.append((r["key"], r.get("shard"),
-                        None if d is None else {ext: int(h, 16) for ext, h in d.items()}))
+            out.append(Record(r["key"], r.get("shard"),
+                              None if d is None else {ext: int(h, 16) for ext, h in d.items()},
+                              r.get("device")))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{path}:{n}: not a sample record ({type(e).__name__}: {e}); "
                             f"repack the split") from None
@@ -246,19 +280,22 @@ def _with_digests(split_dir: Path, shards: list[Shard], samples: list[Sample]) -
     """``samples`` with their digests from samples.jsonl (cross-checked against the indexes), or
     as they are, with one note per split and process, for a split packed before digests."""
     records = read_digests(split_dir)
-    if records and all(d is not None for _, _, d in records):
+    if records and all(r.digests is not None for r in records):
         if len(records) != len(samples):
             raise DataError(f"{split_dir / 'samples.jsonl'} lists {len(records)} samples but the "
                             f"index files {len(samples)}: stale samples.jsonl or index; repack the split")
         out = []
-        for n, (s, (key, shard, d)) in enumerate(zip(samples, records), start=1):
-            if key != s.key or (shard is not None and shard != shards[s.shard].name):
+        for n, (s, r) in enumerate(zip(samples, records), start=1):
+            if r.key != s.key or (r.shard is not None and r.shard != shards[s.shard].name):
                 raise DataError(
-                    f"{split_dir / 'samples.jsonl'}:{n} lists sample '{key}' of {shard} where the "
-                    f"index has '{s.key}' of {shards[s.shard].name}: stale samples.jsonl or index; "
-                    f"repack the split")
-            out.append(Sample(s.key, s.shard, s.audio, s.label, d))
+                    f"{split_dir / 'samples.jsonl'}:{n} lists sample '{r.key}' of {r.shard} where "
+                    f"the index has '{s.key}' of {shards[s.shard].name}: stale samples.jsonl or "
+                    f"index; repack the split")
+            out.append(replace(s, digests=r.digests, device=r.device))
         return out
+    if records and len(records) == len(samples):  # an older pack still names its devices
+        samples = [replace(s, device=r.device) if r.key == s.key else s
+                   for s, r in zip(samples, records)]
     if split_dir.resolve() not in _noted:
         _noted.add(split_dir.resolve())
         log.warning(f"shards in {split_dir} carry no per-member digests (packed before asc_dist "

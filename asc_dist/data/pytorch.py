@@ -36,6 +36,8 @@ class ShardSamples(Dataset):
         self.verify = verify  # each member read is checked against its digest (data.verify)
         self.cfg_features = cfg_features
         self.sample_rate = int(cfg_features.sample_rate)
+        # shards stored at another rate than the features' go through the pack's own resampler
+        self.resampler = (index.manifest.get("settings") or {}).get("resampler") or audio.RESAMPLER
         self.num_samples = clip_samples(cfg_features)
         self.features_here = features_here
         self._fds: dict[int, int] = {}
@@ -69,7 +71,8 @@ class ShardSamples(Dataset):
                                 f"{len(self.index.classes)} classes of the manifest")
             raw = read_member(fd, self.index, i, "audio", verify=self.verify)
             try:
-                wave = torch.from_numpy(audio.decode(raw, self.sample_rate, name=self.index.where(i)))
+                wave = torch.from_numpy(audio.decode(raw, self.sample_rate, name=self.index.where(i),
+                                                     resampler=self.resampler))
             except ValueError as e:
                 raise DataError(str(e)) from None
             wave = fix_length(wave, self.num_samples)
@@ -115,15 +118,25 @@ class TorchSource(BatchSource):
         self.buffer = int(cfg.data.shuffle_buffer)
         self._loaders: list[Any] = []
         self._ahead: tuple[tuple[int, int], Iterator[Batch]] | None = None  # training's run-ahead
+        self._keep = None
+        if self.ids is not None:
+            self._keep = np.zeros(self.num_samples, dtype=bool)
+            self._keep[self.ids] = True
+        self._last_rows: dict[int, int] = {}  # epoch -> clips in this rank's last batch
 
     def plan(self, epoch: int) -> list[list[int]]:
         """Sample ids per step of ``epoch`` for this rank (-1 = padding row)."""
-        if self.train:
-            return train_plan([sh.samples for sh in self.index.shards], seed=self.seed, epoch=epoch,
-                              rank=self.rank, world_size=self.world_size,
-                              batch_size=self.batch_size, buffer=self.buffer)
-        return eval_plan(self.num_samples, rank=self.rank, world_size=self.world_size,
-                         batch_size=self.batch_size)
+        if not self.train:
+            return eval_plan(self.num_samples, rank=self.rank, world_size=self.world_size,
+                             batch_size=self.batch_size)
+        plan = train_plan([sh.samples for sh in self.index.shards], seed=self.seed, epoch=epoch,
+                          rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
+                          buffer=self.buffer, keep=self._keep, drop_last=self.drop_last)
+        if self.remainder:
+            self._last_rows[epoch] = len(plan[-1])
+            if not plan[-1]:  # no clip left for this rank: one real clip, read at weight 0
+                plan[-1] = [int(self.ids[0]) if self.ids is not None else 0]
+        return plan
 
     def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
         steps = self.steps_per_epoch - start_step
@@ -139,8 +152,14 @@ class TorchSource(BatchSource):
         it, self._ahead = self._ahead[1], None
         finished = False
         try:
-            for _ in range(steps):
-                yield next(it)
+            for step in range(start_step, self.steps_per_epoch):
+                batch = next(it)
+                if self.remainder and step == self.steps_per_epoch - 1:
+                    rows = self._last_rows.pop(epoch)  # planned when the sampler reached it
+                    batch.weight = self.step_weight(step, rows)
+                    if rows == 0:
+                        batch.valid = torch.zeros_like(batch.valid)
+                yield batch
             finished = True
         finally:
             if finished and self.train:

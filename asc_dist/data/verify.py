@@ -166,12 +166,12 @@ def _digests_by_shard(split_dir: Path, res: SplitResult) -> dict[str, list] | No
     except DataError as e:
         res.problems.append(str(e))
         records = None
-    if not records or any(d is None for _, _, d in records):
+    if not records or any(r.digests is None for r in records):
         res.has_digests = False
         return None
     by: dict[str, list] = {}
-    for key, shard, d in records:
-        by.setdefault(shard, []).append((key, d))
+    for r in records:
+        by.setdefault(r.shard, []).append((r.key, r.digests))
     return by
 
 

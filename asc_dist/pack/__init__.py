@@ -82,6 +82,7 @@ class PackOptions:
     workers: int | None = None  # decode processes (default: all CPUs)
     on_error: str = "fail"  # fail | skip
     sample_rate: int = 48000
+    resampler: str = audio.RESAMPLER  # soxr-vhq | torchaudio (the DCASE 2024/2025 baselines')
     keep_channels: bool = False
     subtype: str = "PCM_24"
     shard_size_mb: float = 256
@@ -100,6 +101,9 @@ class PackOptions:
         if self.sample_rate <= 0 or self.shard_size_mb <= 0 or (
                 self.shard_max_samples is not None and self.shard_max_samples <= 0):
             raise PackError("sample_rate, shard_size_mb and shard_max_samples must be > 0")
+        if self.resampler not in audio.RESAMPLERS:
+            raise PackError(f"resampler {self.resampler!r}: expected one of "
+                            f"{', '.join(audio.RESAMPLERS)}")
         if self.subtype not in sf.available_subtypes("WAV"):
             raise PackError(f"subtype {self.subtype!r} is not a WAV subtype "
                             f"({sorted(sf.available_subtypes('WAV'))})")
@@ -122,7 +126,7 @@ def _convert(task: tuple[int, Path | zips.Member, PackOptions],
     i, src, o = task
     try:
         x, sr, info, size = _read(src, o)
-        y = audio.convert(x, sr, o.sample_rate, o.keep_channels)
+        y = audio.convert(x, sr, o.sample_rate, o.keep_channels, o.resampler)
         wav = audio.encode_wav(y, o.sample_rate, o.subtype)
     except ValueError as e:
         return i, None, None, str(e)
@@ -235,7 +239,7 @@ def pack(dataset_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
         "layout": layout, "fold": o.fold, "seed": o.seed, "shard_size_mb": o.shard_size_mb,
         "shard_max_samples": o.shard_max_samples, "source": source.root,
         "sample_rate": o.sample_rate, "keep_channels": o.keep_channels, "subtype": o.subtype,
-        "on_error": o.on_error, "resampler": audio.RESAMPLER,
+        "on_error": o.on_error, "resampler": o.resampler,
         "csv": str(o.csv_path) if o.csv_path else None,
     }
     manifests, totals = {}, {"clips": 0, "source_bytes": 0, "out_bytes": 0}

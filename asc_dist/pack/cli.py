@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--on-error", choices=("fail", "skip"), default=d.on_error,
                     help="fail: stop at the first bad clip; skip: leave it out and list it in the manifest")
     ap.add_argument("--sample-rate", type=int, default=d.sample_rate, help="stored sample rate")
+    ap.add_argument("--resampler", choices=audio.RESAMPLERS, default=d.resampler,
+                    help="for sources at another rate: soxr-vhq (soxr's very high quality, float64) "
+                    "or torchaudio (torchaudio.functional.resample's defaults, float32: the DCASE "
+                    "2024/2025 baselines'); recorded in the manifest and carried into checkpoints, "
+                    "so predict and export resample raw files alike")
     ap.add_argument("--keep-channels", action="store_true", help="keep the source channels (default: mono mean)")
     ap.add_argument("--subtype", default=d.subtype, help="stored WAV subtype")
     ap.add_argument("--shard-size-mb", type=float, default=d.shard_size_mb, help="max shard size (MiB)")
