@@ -29,7 +29,7 @@ from asc_dist.metrics import format_report
 from asc_dist.plots import plot_curves
 from asc_dist.restore import checkpoint_config, resolve_checkpoint, restore
 from asc_dist.tracking import read_metrics
-from asc_dist.validate import evaluate, sample_groups, write_report_files
+from asc_dist.validate import evaluate, sample_groups, split_summary, write_report_files
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 def _split_location(arg: str | None, cfg: DictConfig) -> tuple[str, str]:
     """(shards root, split name) for ``--split``: a split name under data.shards, or a split dir."""
     if arg is None:
+        if cfg.data.test_split is None:
+            raise ConfigError("the run was trained without a test split (data.test_split=null, "
+                              "e.g. the paper's protocol): pass --split with a labelled split")
         return str(cfg.data.shards), str(cfg.data.test_split)
     p = Path(arg)
     if (p / "manifest.json").is_file():
@@ -85,9 +88,9 @@ def run(args: argparse.Namespace, env: dist.DistEnv, state: dict | None = None) 
     }
     if env.is_main:
         out = Path(args.out) if args.out else default_out_dir(restored.path, split, restored.step)
-        preamble = (f"checkpoint `{restored.path}` (step {restored.step}, {cfg.model.name}) on "
-                    f"`{Path(shards) / split}`; {env.world_size} process(es), {source.backend} "
-                    f"backend, {env.device.type}\n")
+        preamble = (f"checkpoint `{restored.path}` (step {restored.step}, {cfg.model.name}) "
+                    f"measured on {split_summary(Path(shards) / split)}; {env.world_size} "
+                    f"process(es), {source.backend} backend, {env.device.type}\n")
         write_report_files(out, report, classes, title=f"Evaluation of {cfg.name} at step "
                            f"{restored.step}", preamble=preamble, preds=preds)
         metrics = restored.path.parent.parent / "metrics.jsonl"  # the run's, for a run's checkpoint

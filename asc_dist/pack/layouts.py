@@ -12,6 +12,10 @@ The dataset's files are read through a :class:`DatasetSource`, by their path rel
 dataset's top folder: an unpacked folder (:class:`FolderSource`) or the zip parts a dataset ships
 as (asc_dist.pack.zips.ZipSource), so both are planned and checked by the same code.
 
+Fold ``all`` (:data:`ALL_FOLDS`) packs every labelled clip of ``meta.csv`` as the ``train``
+split and ignores the fold files: the protocol of Ye et al., who train on the whole TUT 2018
+development set and test on its leaderboard set.
+
 A split list (``--train-list``/``--test-list``, e.g. DCASE 2024 task 1's ``split25.csv``) keeps
 only the files it names of one split: :func:`select_listed`.
 
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from asc_dist.pack.zips import Member
 
 LAYOUTS = ("auto", "tut2018", "tau2019", "tau2022", "csv")
+ALL_FOLDS = "all"  # --fold all: every labelled clip is training data (module docstring)
 CSV_FOLDS = ("tau2019", "tau2022")  # the layouts whose fold files are .csv with a header row
 # <scene>-<city>-<location>-<segment>[-<index>]-<device>: TUT 2018 / TAU 2019-2020 have five parts
 # (airport-barcelona-0-0-a, tram-vienna-3-17-s2); TAU 2022 Mobile cut each 10-s segment into 1-s
@@ -164,26 +169,41 @@ def _read_rows(src: DatasetSource, rel: str, delimiter: str | None) -> tuple[str
     return where, rows
 
 
-def _read_meta(src: DatasetSource) -> dict[str, dict]:
-    """meta.csv (TUT/TAU): filename -> {scene_label, identifier, source_label} (missing -> {})."""
+def _meta_rows(src: DatasetSource) -> tuple[str, list[tuple[int, dict]]]:
+    """meta.csv (TUT/TAU): where it is, and its records {filename, scene_label, identifier,
+    source_label} with their line numbers (none when there is no meta.csv)."""
     if not src.is_file("meta.csv"):
-        return {}
+        return src.locate("meta.csv"), []
     path, rows = _read_rows(src, "meta.csv", "\t")
     if not rows:
-        return {}
+        return path, []
     header = rows[0][1]
     if "filename" not in header:
         raise PackError(f"{path}:1: header must name a 'filename' column, got {header}")
-    meta = {}
+    records, seen = [], set()
     for lineno, row in rows[1:]:
         rec = dict(zip(header, row))
         fn = rec.get("filename", "")
         if not fn:
             raise PackError(f"{path}:{lineno}: empty filename")
-        if fn in meta:
+        if fn in seen:
             raise PackError(f"{path}:{lineno}: duplicate filename {fn}")
-        meta[fn] = rec
-    return meta
+        seen.add(fn)
+        records.append((lineno, rec))
+    return path, records
+
+
+def _every_labelled_clip(src: DatasetSource, path: str, rows: list[tuple[int, dict]]) -> SplitPlan:
+    """Fold ``all``: every clip meta.csv labels, as the train split; the fold files are not read."""
+    if not rows:
+        raise PackError(f"{path}: --fold all packs the clips meta.csv labels, and there is no "
+                        "meta.csv (or it lists no clips)")
+    entries = [Entry(rec["filename"], src.ref(rec["filename"]), rec["scene_label"],
+                     f"{path}:{lineno}") for lineno, rec in rows if rec.get("scene_label")]
+    if not entries:
+        raise PackError(f"{path}: --fold all packs the clips meta.csv labels, and it labels none "
+                        "(no 'scene_label' values)")
+    return SplitPlan("train", entries, True)
 
 
 def _read_fold_txt(src: DatasetSource, rel: str, labelled: bool) -> list[Entry]:
@@ -247,19 +267,19 @@ def _first_listed(src: DatasetSource, rel: str) -> str:
         return ""  # plan_splits reads it again and names the problem
 
 
-def detect_layout(dataset: Path | DatasetSource, fold: int = 1) -> str:
+def detect_layout(dataset: Path | DatasetSource, fold: int | str = 1) -> str:
     src = as_source(dataset)
-    folds = [f"{SETUP}/fold{fold}_{s}.csv" for s in ("train", "evaluate")]
-    if any(src.is_file(f) for f in folds):
-        first = _first_listed(src, next(f for f in folds if src.is_file(f)))
-        m = TUT_NAME.match(PurePosixPath(first).stem)
+    k = "*" if fold == ALL_FOLDS else fold  # fold all: any fold's files tell the layout
+    folds = [f for s in ("train", "evaluate") for f in src.glob(SETUP, f"fold{k}_{s}.csv")]
+    if folds:
+        m = TUT_NAME.match(PurePosixPath(_first_listed(src, folds[0])).stem)
         return "tau2022" if m and m["index"] is not None else "tau2019"
-    if src.is_file(f"{SETUP}/fold{fold}_train.txt") or src.is_dir("audio"):
+    if src.glob(SETUP, f"fold{k}_train.txt") or src.is_dir("audio"):
         return "tut2018"
     if _csv_lists(src):
         return "csv"
     raise PackError(
-        f"{src.locate('')}: cannot detect the layout (no evaluation_setup/fold{fold}_*.txt|csv, no "
+        f"{src.locate('')}: cannot detect the layout (no evaluation_setup/fold{k}_*.txt|csv, no "
         "audio/, no *.csv); pass --layout"
     )
 
@@ -267,7 +287,7 @@ def detect_layout(dataset: Path | DatasetSource, fold: int = 1) -> str:
 def plan_splits(
     dataset: Path | DatasetSource,
     layout: str = "auto",
-    fold: int = 1,
+    fold: int | str = 1,
     csv_path: str | Path | None = None,
     split: str | None = None,
 ) -> tuple[str, list[SplitPlan], dict[str, dict]]:
@@ -280,8 +300,14 @@ def plan_splits(
     src = as_source(dataset)
     if layout == "auto":
         layout = detect_layout(src, fold)
-    meta = _read_meta(src) if layout in ("tut2018", *CSV_FOLDS) else {}
+    meta_path, meta_rows = _meta_rows(src) if layout in ("tut2018", *CSV_FOLDS) else ("", [])
+    meta = {rec["filename"]: rec for _, rec in meta_rows}
+    if fold == ALL_FOLDS and layout not in ("tut2018", *CSV_FOLDS):
+        raise PackError(f"--fold all packs a TUT/TAU dataset's meta.csv; the {layout} layout has "
+                        "no folds (it packs its one list)")
     if layout in ("tut2018", *CSV_FOLDS):
+        if fold == ALL_FOLDS:
+            return layout, [_every_labelled_clip(src, meta_path, meta_rows)], meta
         ext = "txt" if layout == "tut2018" else "csv"
         train_f, eval_f = f"{SETUP}/fold{fold}_train.{ext}", f"{SETUP}/fold{fold}_evaluate.{ext}"
         if not src.is_file(train_f) and not src.is_file(eval_f):
