@@ -151,7 +151,8 @@ def test_report_files_are_written_and_readable(single_report, run_dir, packed_sh
     test = packed_shards.resolve() / "test"
     assert f"measured on `{test}` (20 clips, packed from `" in md and "fold 1)" in md
     trainer = run_dir / "eval"
-    assert f"Measured on `{packed_shards / 'test'}` (20 clips," in (trainer / "report.md").read_text()
+    measured = (trainer / "report.md").read_text()
+    assert f"Measured on `{packed_shards / 'test'}` (20 clips," in measured
     assert json.loads((trainer / "report.json").read_text())["split"] == str(packed_shards / "test")
 
 

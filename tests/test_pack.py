@@ -576,8 +576,8 @@ def test_fold_all_packs_every_labelled_clip_as_the_train_split(synth_dataset, pa
     m = _manifest(out, "train")
     assert m["settings"]["fold"] == "all" and m["labelled"] and m["num_samples"] == len(meta) == 40
     assert m["class_counts"] == {c: sum(row[1] == c for row in meta) for c in sorted(synth.SCENES)}
-    samples = [json.loads(line) for line in (out / "train" / "samples.jsonl").read_text().splitlines()]
-    assert sorted((s["filename"], s["scene"]) for s in samples) == sorted((f, c) for f, c, *_ in meta)
+    samples = [json.loads(s) for s in (out / "train" / "samples.jsonl").read_text().splitlines()]
+    assert sorted((s["filename"], s["scene"]) for s in samples) == sorted(tuple(r[:2]) for r in meta)
     fold1 = [json.loads(line)["key"] for split in ("train", "test")
              for line in (packed_shards / split / "samples.jsonl").read_text().splitlines()]
     assert sorted(s["key"] for s in samples) == sorted(fold1)  # fold 1's train and test clips

@@ -226,11 +226,16 @@ def test_paper_protocol_trains_on_every_clip_without_a_test_split(synth_dataset,
     assert p.stderr.count("no evaluation") == 1 and "class-wise accuracy" not in p.stderr
     ckpts = run_dir / "checkpoints"
     assert sorted(f.name for f in ckpts.glob("step_*.pt")) == ["step_3.pt", "step_6.pt"]
-    assert (ckpts / "latest").read_text().strip() == "step_6.pt" and not (ckpts / "best.pt").exists()
+    assert (ckpts / "latest").read_text().strip() == "step_6.pt"
+    assert not (ckpts / "best.pt").exists()
     assert not (run_dir / "eval").exists() and (run_dir / "curves.png").is_file()
     assert not [r for r in read_metrics(run_dir / "metrics.jsonl") if any("eval" in k for k in r)]
     state = model_state(ckpts / "step_6.pt")
-    assert state["config"]["data"]["test_split"] is None and state["config"]["name"] == "paper-protocol"
+    assert state["config"]["data"]["test_split"] is None
+    assert state["config"]["name"] == "paper-protocol"
+    (wandb_file,) = run_dir.rglob(f"run-{state['wandb_id']}.wandb")
+    summary = read_wandb_file(wandb_file)["summary"]  # no "best accuracy" of a run that scored none
+    assert summary["step"] == 6 and "best_classwise_accuracy" not in summary
     r = cli(evaluate.main, [run_dir])
     assert r.returncode == 2 and "trained without a test split (data.test_split=null" in r.stderr
 

@@ -53,6 +53,7 @@ from asc_dist.pack import manifest, zips
 from asc_dist.pack.layouts import (
     ALL_FOLDS,
     Entry,
+    Member,
     SplitPlan,
     check_lists,
     parse_classes,
@@ -109,17 +110,17 @@ class PackOptions:
                             f"({sorted(sf.available_subtypes('WAV'))})")
 
 
-def _read(src: Path | zips.Member, o: PackOptions) -> tuple:
+def _read(src: Path | Member, o: PackOptions) -> tuple:
     """A clip's checked samples, rate, format and size, from its file or its zip member."""
     checks = {"expect_sample_rate": o.expect_sample_rate, "expect_duration": o.expect_duration,
               "duration_tolerance": o.duration_tolerance}
-    if isinstance(src, zips.Member):
+    if isinstance(src, Member):
         data = zips.read_member(src)
         return *audio.read_checked(data, name=src.name, **checks), len(data)
     return *audio.read_checked(Path(src), **checks), os.path.getsize(src)
 
 
-def _convert(task: tuple[int, Path | zips.Member, PackOptions],
+def _convert(task: tuple[int, Path | Member, PackOptions],
              ) -> tuple[int, bytes | None, dict | None, str | None]:
     """Worker: (index, file or zip member, options) -> (index, stored WAV bytes, what was stored,
     problem)."""
@@ -147,7 +148,7 @@ def _problem(o: PackOptions, e: Entry, problem: str, skipped: list[dict]) -> Non
     if o.on_error == "fail":
         raise PackError(f"{e.filename}: {problem} ({e.path}, listed at {e.where})")
     # A zip member's name alone does not say which of the zips to check or download again.
-    where = f" ({e.path})" if isinstance(e.path, zips.Member) else ""
+    where = f" ({e.path})" if isinstance(e.path, Member) else ""
     skipped.append({"file": e.filename, "reason": problem + where})
 
 

@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
                     "TUT-urban-acoustic-scenes-2018-development.*.zip)")
     ap.add_argument("out_dir", metavar="OUT_DIR", help="output root; splits go to OUT_DIR/<split>/")
     ap.add_argument("--layout", choices=LAYOUTS, default=d.layout,
-                    help="tut2018: fold<k>_train/evaluate.txt (no fold files -> unlabelled 'eval' split); "
-                    "tau2019: fold<k>_*.csv with header; tau2022: the same, 1-s clips with "
-                    "six-part names (TAU 2022 Mobile); csv: filename,label list")
+                    help="tut2018: fold<k>_train/evaluate.txt; tau2019: fold<k>_*.csv with header; "
+                    "tau2022: the same, 1-s clips with six-part names (TAU 2022 Mobile); without "
+                    "train/evaluate lists (an evaluation set): one unlabelled 'eval' split of the "
+                    "files fold<k>_test lists (its device_id column kept), else of all audio; "
+                    "csv: filename,label list")
     ap.add_argument("--fold", type=_fold, default=d.fold,
                     help="the fold whose train/evaluate lists make the train/test splits, or "
                     "'all': every clip meta.csv labels as the train split, fold files ignored "

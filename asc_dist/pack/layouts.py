@@ -2,8 +2,11 @@
 
 * ``tut2018``: TUT Urban Acoustic Scenes 2018 (``evaluation_setup/fold<k>_train.txt`` /
   ``fold<k>_evaluate.txt``, tab-separated without header, plus ``meta.csv``); a folder without
-  fold files is the unlabelled ``eval`` split (leaderboard / evaluation sets).
-* ``tau2019``: TAU 2019/2020 (the same with ``.csv`` fold files that have a header row).
+  them is the unlabelled ``eval`` split (leaderboard / evaluation sets): the files its
+  ``fold<k>_test`` list names, or without one every audio file.
+* ``tau2019``: TAU 2019/2020 (the same with ``.csv`` fold files that have a header row). The DCASE
+  evaluation sets ship only ``fold<k>_test.csv``, whose ``device_id`` column (DCASE 2025) gives
+  each clip's device.
 * ``tau2022``: TAU 2022 Mobile (1-s clips with six-part names), read exactly as ``tau2019``; the
   name only records which dataset was packed (auto-detected from the names in the fold files).
 * ``csv``: one list with a header naming ``filename`` and optionally ``scene_label``/``label``.
@@ -29,15 +32,11 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from asc_dist.audio import AUDIO_EXTS
 from asc_dist.errors import PackError
-
-if TYPE_CHECKING:
-    from asc_dist.pack.zips import Member
 
 LAYOUTS = ("auto", "tut2018", "tau2019", "tau2022", "csv")
 ALL_FOLDS = "all"  # --fold all: every labelled clip is training data (module docstring)
@@ -53,12 +52,28 @@ TUT_NAME = re.compile(
 META_HEADER = ["filename", "scene_label", "identifier", "source_label"]
 SETUP = "evaluation_setup"
 
+@dataclass(frozen=True)
+class Member:
+    """A file's bytes inside a zip (asc_dist.pack.zips): what a decode worker is handed instead of
+    a path. Here, beside the sources that hand it out, so that zips imports layouts, not back."""
+
+    zip: str | None  # None: listed, but in none of the zips
+    name: str
+
+    def is_file(self) -> bool:
+        return self.zip is not None
+
+    def __str__(self) -> str:
+        return f"{self.zip}/{self.name}" if self.zip else f"{self.name} (in none of the zips)"
+
+
 @dataclass
 class Entry:
     filename: str  # as listed, relative to the dataset dir (e.g. audio/airport-barcelona-0-0-a.wav)
     path: Path | Member  # where its bytes are: a file, or a member of one of the zips
     label: str | None
     where: str  # "<list file>:<line>" for error messages
+    device: str | None = None  # as the list names it (a device_id column), else from elsewhere
 
 
 @dataclass
@@ -221,7 +236,7 @@ def _read_fold_txt(src: DatasetSource, rel: str, labelled: bool) -> list[Entry]:
 def _read_table(lists: DatasetSource, rel: str, data: DatasetSource,
                 delimiter: str | None = None) -> tuple[list[Entry], bool]:
     """A list (in ``lists``) with a header row naming 'filename' and optionally 'scene_label' or
-    'label'; the files it names are in ``data``."""
+    'label' and 'device_id'; the files it names are in ``data``."""
     path, rows = _read_rows(lists, rel, delimiter)
     if not rows:
         raise PackError(f"{path}: empty list file")
@@ -230,6 +245,7 @@ def _read_table(lists: DatasetSource, rel: str, data: DatasetSource,
         raise PackError(f"{path}:1: header must name a 'filename' column, got {rows[0][1]}")
     fi = header.index("filename")
     li = next((header.index(c) for c in ("scene_label", "label") if c in header), None)
+    di = header.index("device_id") if "device_id" in header else None
     entries = []
     for lineno, row in rows[1:]:
         where = f"{path}:{lineno}"
@@ -240,8 +256,24 @@ def _read_table(lists: DatasetSource, rel: str, data: DatasetSource,
             if len(row) <= li or not row[li]:
                 raise PackError(f"{where}: missing label for {row[fi]}")
             label = row[li]
-        entries.append(Entry(row[fi], data.ref(row[fi]), label, where))
+        device = None
+        if di is not None:
+            if len(row) <= di or not row[di]:
+                raise PackError(f"{where}: missing device_id for {row[fi]}")
+            device = row[di]
+        entries.append(Entry(row[fi], data.ref(row[fi]), label, where, device))
     return entries, li is not None
+
+
+def _test_list(src: DatasetSource, rel: str, ext: str) -> list[Entry]:
+    """An evaluation set's fold<k>_test list (.txt: file names; .csv: a header naming 'filename'
+    and, for DCASE 2025, 'device_id'), unlabelled whatever else it holds."""
+    if ext == "txt":
+        return _read_fold_txt(src, rel, False)
+    entries, _ = _read_table(src, rel, src, "\t")
+    if not entries:
+        raise PackError(f"{src.locate(rel)}: names no files")
+    return [replace(e, label=None) for e in entries]
 
 
 def _audio_folder(src: DatasetSource) -> list[Entry]:
@@ -270,7 +302,7 @@ def _first_listed(src: DatasetSource, rel: str) -> str:
 def detect_layout(dataset: Path | DatasetSource, fold: int | str = 1) -> str:
     src = as_source(dataset)
     k = "*" if fold == ALL_FOLDS else fold  # fold all: any fold's files tell the layout
-    folds = [f for s in ("train", "evaluate") for f in src.glob(SETUP, f"fold{k}_{s}.csv")]
+    folds = [f for s in ("train", "evaluate", "test") for f in src.glob(SETUP, f"fold{k}_{s}.csv")]
     if folds:
         m = TUT_NAME.match(PurePosixPath(_first_listed(src, folds[0])).stem)
         return "tau2022" if m and m["index"] is not None else "tau2019"
@@ -311,6 +343,10 @@ def plan_splits(
         ext = "txt" if layout == "tut2018" else "csv"
         train_f, eval_f = f"{SETUP}/fold{fold}_train.{ext}", f"{SETUP}/fold{fold}_evaluate.{ext}"
         if not src.is_file(train_f) and not src.is_file(eval_f):
+            test_f = f"{SETUP}/fold{fold}_test.{ext}"
+            if src.is_file(test_f):  # an evaluation set: exactly the clips its list names
+                entries = _test_list(src, test_f, ext)
+                return layout, [SplitPlan(split or "eval", entries, False)], meta
             others = ([PurePosixPath(f).name for f in src.glob(SETUP, f"fold*_*.{ext}")]
                       if src.is_dir(SETUP) else [])
             if others:
