@@ -96,7 +96,9 @@ class DataConfig:
     # Root holding <split>/manifest.json, <split>/*.tar, <split>/*.idx (written by asc_dist.pack).
     shards: str = "shards/tut2018"
     train_split: str = "train"
-    test_split: str = "test"
+    # null: no test split, so training evaluates nothing (the paper's protocol: train on every
+    # development clip, score the checkpoint elsewhere; conf/experiment/paper_protocol.yaml)
+    test_split: str | None = "test"
     backend: Literal["dali", "torch", "auto"] = "auto"  # auto: dali when installed
     # DALI threads / DataLoader workers per rank; 0 = this process's CPUs / ranks on the node
     num_threads: int = non_negative(0)

@@ -4,10 +4,10 @@
     python -m asc_dist.datasets fetch NAME DIR [--jobs N] [--mirror URL] [--registry FILE]
 
 The registry lists each dataset's files with their size and MD5; a file's URL is ``base_url`` +
-its name (``--mirror URL`` swaps the base URL). The built-in entries are the Zenodo records as
-dcase_util lists them (the ``package_list`` of its dataset classes, dcase_util/datasets/tut.py);
-``--registry FILE`` adds a YAML or JSON file of the same format, whose entries replace built-in
-ones of the same name::
+its name (``--mirror URL`` swaps the base URL). The built-in entries, in the data file
+``asc_dist/datasets.yaml``, are the Zenodo records as dcase_util lists them (the ``package_list``
+of its dataset classes, dcase_util/datasets/tut.py); ``--registry FILE`` adds a YAML or JSON file
+of the same format, whose entries replace built-in ones of the same name::
 
     datasets:
       my-dataset:
@@ -37,6 +37,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from http.client import HTTPException
+from importlib import resources
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
@@ -57,120 +58,9 @@ TIMEOUT_S = 60.0  # a connection silent this long counts as dropped
 # Status codes worth retrying; any other HTTP error is an answer (404: wrong URL).
 _TRANSIENT = {408, 425, 429, 500, 502, 503, 504}
 
-# dcase_util (github.com/DCASE-REPO/dcase_util, dcase_util/datasets/tut.py at a2694b0b, the
-# package_list of the class named): base URL, file name stem, then (suffix, bytes, MD5) per file.
-_BUILTIN = {
-    "tut2018-development": (  # TUTUrbanAcousticScenes_2018_DevelopmentSet
-        "https://zenodo.org/record/1228142/files/",
-        "TUT-urban-acoustic-scenes-2018-development", [
-            ("doc.zip", 10517, "28a4a9c46a6f46709ecc8eece365a3a4"),
-            ("meta.zip", 69272, "e196065ee83c07af03a11a310364377d"),
-            ("audio.1.zip", 1657811579, "62f97087c447e29def8716204469bf89"),
-            ("audio.2.zip", 1783489370, "8e569a92025d82bff6b02b956d7c6dc9"),
-            ("audio.3.zip", 1809675304, "00d2020582a4535af5e65322fb2bad56"),
-            ("audio.4.zip", 1756582525, "d691eb4271f83ba6ba9a28797accc497"),
-            ("audio.5.zip", 1724002546, "c4d64b5483b60f85e9fe080b3435a6be"),
-            ("audio.6.zip", 1645753049, "2f0feee78f216697eb19497714d97642"),
-            ("audio.7.zip", 1671903917, "07cfefe80a0731de6819181841239f3a"),
-            ("audio.8.zip", 1673304843, "213f3c012859c2e9dcb74aacc8558458"),
-            ("audio.9.zip", 1674839259, "b724442b09abcb3bd095ebff497cef85"),
-            ("audio.10.zip", 1662932947, "a27a32fa52e283ed8013375b8a16f269"),
-            ("audio.11.zip", 1751473843, "7073a121e825ffef99832507f30d6644"),
-            ("audio.12.zip", 1742332198, "6567aa61db12776568b6267ce122fb18"),
-            ("audio.13.zip", 798990513, "d00eeb2db0e093d8975521323a96c519"),
-        ]),
-    "tut2018-leaderboard": (  # TUTUrbanAcousticScenes_2018_LeaderboardSet
-        "https://zenodo.org/record/1245181/files/",
-        "TUT-urban-acoustic-scenes-2018-leaderboard", [
-            ("doc.zip", 7592, "ec83e81f5c25c6f3fbaaab2930d74d5d"),
-            ("meta.zip", 2936, "2b52300b9de2e69cce8849b5d1daba28"),
-            ("audio.1.zip", 1717617702, "33523d95683f80e488f318500c793431"),
-            ("audio.2.zip", 1256040072, "dee89b1b99fb3f2600250008ef840b18"),
-        ]),
-    "tut2018-evaluation": (  # TUTUrbanAcousticScenes_2018_EvaluationSet
-        "https://zenodo.org/record/1293883/files/",
-        "TUT-urban-acoustic-scenes-2018-evaluation", [
-            ("doc.zip", 7702, "05edd37e0da5f301e86b1dbd2ccae191"),
-            ("meta.zip", 8840, "b519d0b2addcb5e8569ec0c44df14e3e"),
-            ("audio.1.zip", 1718662668, "4fd51d1365df3d13735b86a51ff8840b"),
-            ("audio.2.zip", 1715801158, "f6916f68a16b25f128badff441f80d8a"),
-            ("audio.3.zip", 1718666070, "05a6f5d1259a4da49cda32f534c71cc6"),
-            ("audio.4.zip", 1716820790, "fcdceb6a022d698064e5537edbbd6664"),
-            ("audio.5.zip", 1716577566, "ff94b9abc4f01bf2dd9a2aca79d8590d"),
-            ("audio.6.zip", 320850287, "3dd86135fb4df726f6036ffafe0dff88"),
-        ]),
-    "tau2019-development": (  # TAUUrbanAcousticScenes_2019_DevelopmentSet
-        "https://zenodo.org/record/2589280/files/",
-        "TAU-urban-acoustic-scenes-2019-development", [
-            ("doc.zip", 11299, "1f6879544e80da70099a191613e7e51f"),
-            ("meta.zip", 156863, "09782f2097e4735687af73c44919329c"),
-            ("audio.1.zip", 1657550587, "aca4ebfd9ed03d5f747d6ba8c24bc728"),
-            ("audio.2.zip", 1666219450, "c4f170408ce77c8c70c532bf268d7be0"),
-            ("audio.3.zip", 1817901591, "c7214a07211f10f3250290d05e72c37e"),
-            ("audio.4.zip", 1821710642, "a6a62110f6699cf4432072acb1dffda6"),
-            ("audio.5.zip", 1803118466, "091a0b6d3c84b8e60e46940aa7d4a8a0"),
-            ("audio.6.zip", 1789566029, "114f4ca13e074391b98a1cfd8140de65"),
-            ("audio.7.zip", 1747953866, "5951dd2968f7a514e2afbe279c4f060d"),
-            ("audio.8.zip", 1728724513, "b0b63dc95b327e1509857c8d8a663cc3"),
-            ("audio.9.zip", 1667106209, "3c32a693a6b111ffb957be3c1dd22e9b"),
-            ("audio.10.zip", 1632636175, "0ffbf60006da520cc761fb74c878b98b"),
-            ("audio.11.zip", 1671793546, "599055d93b4c11057c29be2df54538d4"),
-            ("audio.12.zip", 1672592150, "98b8d162ff3665695c4c910e6c372cc8"),
-            ("audio.13.zip", 1673481614, "a356c08b1a5a21d433eba37ef87587f4"),
-            ("audio.14.zip", 1666137450, "f8969771e7faf7dd471d1cf78b0cf011"),
-            ("audio.15.zip", 1675127004, "4758c4b0fb7484faa632266e78850820"),
-            ("audio.16.zip", 1648240966, "a18acad9ede8ea76574216feb887f0bc"),
-            ("audio.17.zip", 1698414214, "1af7703484632f340da5c33662dc9632"),
-            ("audio.18.zip", 1731093704, "b67402bf3e08f4da394a7c18756c0fd2"),
-            ("audio.19.zip", 1745153640, "035db315f19106eb848b6f9b32bcc47c"),
-            ("audio.20.zip", 1774038704, "9cb28c74911bf8a3eadcf53f50a5b5d6"),
-            ("audio.21.zip", 1333808800, "0e44ed85c88ec036a9725b4dd1dfaea0"),
-        ]),
-    "tau2020-mobile-development": (  # TAUUrbanAcousticScenes_2020_Mobile_DevelopmentSet
-        "https://zenodo.org/record/3819968/files/",
-        "TAU-urban-acoustic-scenes-2020-mobile-development", [
-            ("doc.zip", 18066, "175f40dc3fec144347abad4d2962b7ae"),
-            ("meta.zip", 214159, "6eae9db553ce48e4ea246e34e50a3cf5"),
-            ("audio.1.zip", 1726039031, "b1e85b8a908d3d6a6ab73268f385d5c8"),
-            ("audio.2.zip", 1782268370, "4310a13cc2943d6ce3f70eba7ba4c784"),
-            ("audio.3.zip", 1870468865, "ed38956c4246abb56190c1e9b602b7b8"),
-            ("audio.4.zip", 1879413176, "97ab8560056b6816808dedc044dcc023"),
-            ("audio.5.zip", 1823936584, "b50f5e0bfed33cd8e52cb3e7f815c6cb"),
-            ("audio.6.zip", 1827246144, "fbf856a3a86fff7520549c899dc94372"),
-            ("audio.7.zip", 1728630243, "0dbffe7b6e45564da649378723284062"),
-            ("audio.8.zip", 1748646043, "bb6f77832bf0bd9f786f965beb251b2e"),
-            ("audio.9.zip", 1780487215, "a65596a5372eab10c78e08a0de797c9e"),
-            ("audio.10.zip", 1726068853, "2ad595819ffa1d56d2de4c7ed43205a6"),
-            ("audio.11.zip", 1744480272, "0ad29f7040a4e6a22cfd639b3a6738e5"),
-            ("audio.12.zip", 1738707195, "e5f4400c6b9697295fab4cf507155a2f"),
-            ("audio.13.zip", 1835797785, "8855ab9f9896422746ab4c5d89d8da2f"),
-            ("audio.14.zip", 1846390881, "092ad744452cd3e7de78f988a3d13020"),
-            ("audio.15.zip", 1869032508, "4b5eb85f6592aebf846088d9df76b420"),
-            ("audio.16.zip", 436971777, "2e0a89723e58a3836be019e6996ae460"),
-        ]),
-    "tau2022-mobile-development": (  # TAUUrbanAcousticScenes_2022_Mobile_DevelopmentSet
-        "https://zenodo.org/record/6337421/files/",
-        "TAU-urban-acoustic-scenes-2022-mobile-development", [
-            ("doc.zip", 16819, "9c4f610bdb5d3e3e72a17d393a26452a"),
-            ("meta.zip", 1538781, "419b6ff6570f1030730352dc80cd8d15"),
-            ("audio.1.zip", 1736050960, "8be14bdbd844481dce059ab31fbd2239"),
-            ("audio.2.zip", 1791821989, "e821abda49b069248bb75eab39df7575"),
-            ("audio.3.zip", 1878561499, "9c7897f78bb42ca0008936daddf3f8f3"),
-            ("audio.4.zip", 1887825128, "53ec3e37c0fc0be75f53c5abbc5300b8"),
-            ("audio.5.zip", 1832871840, "528422c33c5d10263203d2c61cb1f3be"),
-            ("audio.6.zip", 1836165296, "4759a9465c903e13e57d5e82e791fc28"),
-            ("audio.7.zip", 1737838582, "6d545fc83a55a17856a9ccc1ac9aff6b"),
-            ("audio.8.zip", 1758317867, "3a2916a9b5d3f43cc7a22a62b180b0d9"),
-            ("audio.9.zip", 1790044829, "071f664c86639ad730f7be4e3c39d886"),
-            ("audio.10.zip", 1736836871, "e0839d019e9b77ecbcbb0eff85965530"),
-            ("audio.11.zip", 1754618148, "fc60f1c83726be3963ae14fbcb95eeb4"),
-            ("audio.12.zip", 1748795940, "02246547f86c0a814dc63ec65d7033bb"),
-            ("audio.13.zip", 1844234922, "88ae9ef884665140d1572d8061725e00"),
-            ("audio.14.zip", 1854884822, "c3f400d74ae90e5190dc518cde43de47"),
-            ("audio.15.zip", 1877789093, "85594c6fe4f91c10aa2a410f748103b8"),
-            ("audio.16.zip", 435379083, "6e2df8438c69f6789414aeba8cbad9d8"),
-        ]),
-}
+# The built-in registry: a data file shipped in the package (pyproject.toml's package-data), in
+# --registry FILE's format, every value cited there.
+BUILTIN = "datasets.yaml"
 
 
 class NetworkError(FetchError):
@@ -255,11 +145,10 @@ def parse_registry(data: object, source: str) -> dict[str, Dataset]:
 
 
 def builtin_registry() -> dict[str, Dataset]:
-    doc = {"datasets": {
-        name: {"base_url": base, "files": [{"name": f"{stem}.{suffix}", "bytes": size, "md5": md5}
-                                           for suffix, size, md5 in files]}
-        for name, (base, stem, files) in _BUILTIN.items()}}
-    return parse_registry(doc, "built-in registry")
+    """The registry shipped with the package (``asc_dist/datasets.yaml``), from a checkout or a
+    wheel alike."""
+    text = resources.files("asc_dist").joinpath(BUILTIN).read_text(encoding="utf-8")
+    return parse_registry(yaml.safe_load(text), f"built-in registry (asc_dist/{BUILTIN})")
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, Dataset]:

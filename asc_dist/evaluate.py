@@ -40,7 +40,7 @@ from asc_dist.metrics import format_report
 from asc_dist.plots import plot_curves
 from asc_dist.restore import checkpoint_config, resolve_checkpoint, restore
 from asc_dist.tracking import read_metrics
-from asc_dist.validate import evaluate, sample_groups, write_report_files
+from asc_dist.validate import evaluate, sample_groups, split_summary, write_report_files
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 def _split_location(arg: str | None, cfg: DictConfig) -> tuple[str, str]:
     """(shards root, split name) for ``--split``: a split name under data.shards, or a split dir."""
     if arg is None:
+        if cfg.data.test_split is None:
+            raise ConfigError("the run was trained without a test split (data.test_split=null, "
+                              "e.g. the paper's protocol): pass --split with a labelled split")
         return str(cfg.data.shards), str(cfg.data.test_split)
     p = Path(arg)
     if (p / "manifest.json").is_file():
@@ -127,8 +130,8 @@ def run(args: argparse.Namespace, env: dist.DistEnv, state: dict | None = None) 
         what = (f"device set `{dset.path}` (general model step {restored.step} and "
                 f"{', '.join(dset.devices)}, {cfg.model.name})" if dset is not None
                 else f"checkpoint `{restored.path}` (step {restored.step}, {cfg.model.name})")
-        preamble = (f"{what} on `{Path(shards) / split}`; {env.world_size} process(es), "
-                    f"{source.backend} backend, {env.device.type}, "
+        preamble = (f"{what} measured on {split_summary(Path(shards) / split)}; "
+                    f"{env.world_size} process(es), {source.backend} backend, {env.device.type}, "
                     f"{restored.cfg.train.eval_precision} precision\n")
         write_report_files(out, report, classes, title=f"Evaluation of {cfg.name} at step "
                            f"{restored.step}", preamble=preamble, preds=preds)

@@ -94,7 +94,8 @@ def cache_main(argv: list[str]) -> int:
     args = p.parse_intermixed_args(argv)
     cfg = config_lib.load([*args.config, f"data.shards={args.shards}"], world_size=1)
     device = pick_device(args.device)
-    splits = args.split.split(",") if args.split else [cfg.data.train_split, cfg.data.test_split]
+    splits = args.split.split(",") if args.split else [
+        s for s in (cfg.data.train_split, cfg.data.test_split) if s is not None]
     for split in splits:
         t0 = time.perf_counter()
         with build_source(cfg, split, train=False, rank=0, world_size=1, device=device,

@@ -91,7 +91,8 @@ class Parts:
 def preflight(cfg: DictConfig) -> None:
     """What can fail before any process group starts: shards, weights, W&B, a live run."""
     for split in (cfg.data.train_split, cfg.data.test_split):
-        load_split(cfg.data.shards, split)
+        if split is not None:  # data.test_split=null: no test split
+            load_split(cfg.data.shards, split)
     load_split(cfg.data.shards, cfg.data.train_split).device_ids(cfg.data.devices)
     if cfg.train.init_from is not None:
         resolve_checkpoint(cfg.train.init_from)
@@ -126,6 +127,7 @@ def build(cfg: DictConfig, env: dist.DistEnv, resuming: bool = False) -> Parts:
     per_rank = cfg.train.global_batch // env.world_size
     sources = [build_source(cfg, split, train=is_train, rank=env.rank, world_size=env.world_size,
                             device=env.device, batch_size=per_rank, seed=cfg.train.seed)
+               if split is not None else None
                for split, is_train in ((cfg.data.train_split, True), (cfg.data.test_split, False))]
     classes = sources[0].classes
     if len(classes) != cfg.num_classes:
@@ -334,7 +336,11 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
         tracker = Tracker(cfg, run_dir, enabled=env.is_main, resume_id=wandb_id)
         progress = Progress(tc.max_iters, every=tc.log_every, clips_per_step=tc.global_batch,
                             enabled=env.is_main)
-        groups = sample_groups(cfg, cfg.data.test_split)
+        evaluates = p.test_src is not None
+        groups = sample_groups(cfg, cfg.data.test_split) if evaluates else None
+        if not evaluates and env.is_main:
+            log.info("data.test_split=null: no test split, so no evaluation; the checkpoints are "
+                     "this run's result (score or predict them with asc_dist.evaluate/predict)")
         stop = dist.StopSignal(env)
         mix_gen = torch.Generator(device=env.device)
         aug_gen = torch.Generator(device=env.device)
@@ -365,7 +371,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
                 since = step + 1
             with progress.paused():
                 is_best = False
-                if step % tc.eval_every == 0 or step == tc.max_iters:
+                if evaluates and (step % tc.eval_every == 0 or step == tc.max_iters):
                     report, preds = evaluate(p.model, p.test_src, p.standardize, groups,
                                              p.eval_autocast, keep=step == tc.max_iters,
                                              half=tc.eval_precision == "fp16",
@@ -381,7 +387,8 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
         if stopping:
             log.info(f"stop signal received: checkpointed at step {step}; rerun to resume")
         finish(cfg, env, p, run_dir, start, step, report, preds)
-        tracker.summary({"best_classwise_accuracy": best, "step": step})
+        tracker.summary({"best_classwise_accuracy": best, "step": step} if evaluates
+                        else {"step": step})
     finally:
         if stop is not None:
             stop.restore()
@@ -389,7 +396,8 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
             tracker.close()
         if p is not None:
             p.train_src.close()
-            p.test_src.close()
+            if p.test_src is not None:
+                p.test_src.close()
         if lock is not None:
             lock.release()
     return {"step": step, "best": best, "report": report, "stopped": stopping}
@@ -410,7 +418,8 @@ def finish(cfg: DictConfig, env: dist.DistEnv, p: Parts, run_dir: Path, start: i
     if step >= cfg.train.max_iters and report:
         if p.complexity is not None:
             report = {**report, "complexity": p.complexity}
-        write_report(run_dir, report, p.classes, step, preds)
+        write_report(run_dir, report, p.classes, step, preds,
+                     split=Path(cfg.data.shards) / cfg.data.test_split)
         log.info(format_report(report, p.classes))
     curves = plots.plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "curves.png",
                                title=f"{cfg.name} ({run_dir})")

@@ -126,10 +126,30 @@ def read_predictions(path: str | Path) -> tuple[list[str], dict[str, tuple[int, 
     return classes, {r[0]: (index[r[1]], np.asarray(r[3:], dtype=np.float64)) for r in rows[1:]}
 
 
+def split_summary(split_dir: str | Path) -> str:
+    """Which split a report scored, as its manifest tells: the path, the clips, how it was packed
+    (a fold-1 number and one on another protocol are not comparable: docs/table1.md)."""
+    split_dir = Path(split_dir)
+    try:
+        m = json.loads((split_dir / "manifest.json").read_text())
+        s = m.get("settings") or {}
+        chosen = (s.get("split_list") or {}).get("name")
+        how = [f"{m['num_samples']} clips", f"packed from `{s.get('source')}`",
+               f"layout {s.get('layout')}"]
+        how += [f"fold {s['fold']}"] if s.get("layout") != "csv" and "fold" in s else []
+        how += [f"selected by {chosen}"] if chosen else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"`{split_dir}`"  # no readable manifest: the path is all there is to say
+    return f"`{split_dir}` ({', '.join(how)})"
+
+
 def write_report(run_dir: Path, report: dict, classes: list[str], step: int,
-                 preds: Predictions | None = None) -> None:
-    write_report_files(Path(run_dir) / "eval", {"step": step, **report}, classes,
-                       title=f"Evaluation at step {step}", preds=preds)
+                 preds: Predictions | None = None, split: str | Path | None = None) -> None:
+    """The trainer's final report, in ``run_dir/eval``; ``split``: the split it scored."""
+    where = {"split": str(split)} if split is not None else {}
+    write_report_files(Path(run_dir) / "eval", {"step": step, **where, **report}, classes,
+                       title=f"Evaluation at step {step}", preds=preds,
+                       preamble=f"Measured on {split_summary(split)}.\n" if split else "")
 
 
 def write_report_files(out: Path, report: dict, classes: list[str], title: str,

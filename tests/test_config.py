@@ -197,6 +197,9 @@ def test_installed_wheel_works_from_outside_the_repository(tmp_path, packed_shar
                           cwd=work, env=env, capture_output=True, text=True)
     assert dump.returncode == 0, dump.stderr
     assert "name: table1-nll" in dump.stdout and "sample_rate: 48000" in dump.stdout
+    listed = subprocess.run([sys.executable, "-m", "asc_dist.datasets", "list"], cwd=work, env=env,
+                            capture_output=True, text=True, check=False)
+    assert listed.returncode == 0 and "tau2022-mobile-evaluation" in listed.stdout, listed.stderr
     train = subprocess.run(
         [sys.executable, "-m", "asc_dist.train", "conf/smoke.yaml", f"data.shards={packed_shards}",
          "run_dir=run", "data.backend=torch", "train.device=cpu", "train.max_iters=2",

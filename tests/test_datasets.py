@@ -283,13 +283,16 @@ def test_list_and_user_registry(tmp_path, server, capsys):
     assert "tau2022-mobile-development" in table and "19.9 GiB" in table
 
 
-SIX = ("tut2018-development", "tut2018-leaderboard", "tut2018-evaluation", "tau2019-development",
-       "tau2020-mobile-development", "tau2022-mobile-development")
+BUILTIN = ("tut2018-development", "tut2018-leaderboard", "tut2018-evaluation",
+           "tau2019-development", "tau2020-mobile-development", "tau2022-mobile-development",
+           "tau2022-mobile-evaluation")
 
 
 def test_builtin_registry_is_well_formed():
+    """The data file shipped in the package (asc_dist/datasets.yaml; the wheel's copy is checked
+    by tests/test_config.py), values as dcase_util's package_list gives them."""
     registry = D.builtin_registry()
-    assert set(SIX) <= set(registry)
+    assert list(registry) == list(BUILTIN)
     names = [f.name for ds in registry.values() for f in ds.files]
     assert len(names) == len(set(names))
     for ds in registry.values():
@@ -301,3 +304,11 @@ def test_builtin_registry_is_well_formed():
     assert len(dev.files) == 15 and dev.base_url == "https://zenodo.org/record/1228142/files/"
     assert D.RemoteFile("TUT-urban-acoustic-scenes-2018-development.meta.zip", 69272,
                         "e196065ee83c07af03a11a310364377d") in dev.files
+    # dcase_util's TAUUrbanAcousticScenes_2022_Mobile_EvaluationSet: Zenodo record 6591203
+    ev = registry["tau2022-mobile-evaluation"]
+    assert len(ev.files) == 10 and ev.base_url == "https://zenodo.org/record/6591203/files/"
+    stem = "TAU-urban-acoustic-scenes-2022-mobile-evaluation"
+    assert [f.name for f in ev.files] == [f"{stem}.{p}.zip" for p in
+                                          ("doc", "meta", *(f"audio.{i}" for i in range(1, 9)))]
+    assert D.RemoteFile(f"{stem}.audio.8.zip", 1451063404,
+                        "93b3c7dc8be152f9bf1edbbe8cf8d1b1") in ev.files

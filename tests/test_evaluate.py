@@ -136,7 +136,7 @@ def test_report_equals_direct_computation_from_the_models_outputs(run_dir, packe
         assert probs.sum() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_report_files_are_written_and_readable(single_report):
+def test_report_files_are_written_and_readable(single_report, run_dir, packed_shards):
     # curves.png: the run's training curves (this checkpoint is a run's), for offline runs
     for name in ("confusion.png", "per_class.png", "curves.png"):
         data = (single_report / name).read_bytes()
@@ -146,6 +146,14 @@ def test_report_files_are_written_and_readable(single_report):
     assert f"class-wise accuracy: {report['classwise_accuracy']:.4f}" in md
     assert "| city |" in md and "step 6" in md
     assert not list(single_report.glob("*.tmp*"))
+    # Both reports name the split they were measured on, as its manifest tells how it was packed
+    # (fold 1 here; a number on another protocol compares with other published values).
+    test = packed_shards.resolve() / "test"
+    assert f"measured on `{test}` (20 clips, packed from `" in md and "fold 1)" in md
+    trainer = run_dir / "eval"
+    measured = (trainer / "report.md").read_text()
+    assert f"Measured on `{packed_shards / 'test'}` (20 clips," in measured
+    assert json.loads((trainer / "report.json").read_text())["split"] == str(packed_shards / "test")
 
 
 @pytest.mark.slow

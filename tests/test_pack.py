@@ -19,6 +19,7 @@ import soundfile as sf
 
 from asc_dist import audio, synth
 from asc_dist import pack as P
+from asc_dist.data.manifest import pack_command
 from asc_dist.pack.cli import main as pack_main
 from asc_dist.pack.layouts import detect_layout
 from asc_dist.pack.writer import _tarinfo
@@ -560,9 +561,47 @@ def test_unlabelled_folder_becomes_eval_split(synth_dataset, tmp_path):
         assert meta["scene"] is None and meta["label"] == -1 and meta["city"] is not None
 
 
-def test_fold_and_layout_errors(synth_dataset, tmp_path):
+def test_fold_all_packs_every_labelled_clip_as_the_train_split(synth_dataset, packed_shards,
+                                                                tmp_path, cli):
+    """The paper's protocol: meta.csv's clips and labels; the fold files are not even read."""
+    root = tmp_path / "development"
+    shutil.copytree(synth_dataset, root)
+    (root / "evaluation_setup" / "fold1_train.txt").write_text("audio/nope.wav\tspaceship\n")
+    out = tmp_path / "out"
+    r = cli(pack_main, [root, out, "--fold", "all", "--sample-rate", "16000", "--workers", "1",
+                        "--no-progress"])
+    assert r.returncode == 0, r
+    assert [p.name for p in out.iterdir()] == ["train"]
+    meta = [row.split("\t") for row in (root / "meta.csv").read_text().splitlines()[1:]]
+    m = _manifest(out, "train")
+    assert m["settings"]["fold"] == "all" and m["labelled"] and m["num_samples"] == len(meta) == 40
+    assert m["class_counts"] == {c: sum(row[1] == c for row in meta) for c in sorted(synth.SCENES)}
+    samples = [json.loads(s) for s in (out / "train" / "samples.jsonl").read_text().splitlines()]
+    assert sorted((s["filename"], s["scene"]) for s in samples) == sorted(tuple(r[:2]) for r in meta)
+    fold1 = [json.loads(line)["key"] for split in ("train", "test")
+             for line in (packed_shards / split / "samples.jsonl").read_text().splitlines()]
+    assert sorted(s["key"] for s in samples) == sorted(fold1)  # fold 1's train and test clips
+    assert "--fold all: the train split is every clip meta.csv labels (40 of 40)" in r.stderr
+    assert f"{out} --fold all --splits train --overwrite" in pack_command([out / "train"])
+
+
+def test_fold_and_layout_errors(synth_dataset, tmp_path, capsys):
     with pytest.raises(P.PackError, match="no fold2 files"):
         P.pack(synth_dataset, tmp_path / "o", fold=2, workers=1, progress=False, verbose=False)
+    with pytest.raises(P.PackError, match=r"fold=0: expected a fold number \(1, 2, ...\) or 'all'"):
+        P.pack(synth_dataset, tmp_path / "o", fold=0, progress=False, verbose=False)
+    with pytest.raises(SystemExit) as e:
+        pack_main([str(synth_dataset), str(tmp_path / "o"), "--fold", "first"])
+    assert e.value.code == 2
+    assert "expected a fold number or 'all', got 'first'" in capsys.readouterr().err
+    leaderboard = tmp_path / "leaderboard"  # audio only, like the leaderboard set
+    shutil.copytree(synth_dataset / "audio", leaderboard / "audio")
+    with pytest.raises(P.PackError, match=rf"{leaderboard}/meta.csv: --fold all packs the clips "
+                       "meta.csv labels, and there is no meta.csv"):
+        P.pack(leaderboard, tmp_path / "o", fold="all", progress=False, verbose=False)
+    with pytest.raises(P.PackError, match="the csv layout has no folds"):
+        P.pack(synth_dataset, tmp_path / "o", layout="csv", csv_path=synth_dataset / "meta.csv",
+               fold="all", progress=False, verbose=False)
     with pytest.raises(P.PackError, match="dataset folder not found"):
         P.pack(tmp_path / "nope", tmp_path / "o", workers=1, progress=False, verbose=False)
     (tmp_path / "empty").mkdir()

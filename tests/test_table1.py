@@ -180,6 +180,15 @@ def test_faithful_comparison_rows():
     assert table1.row_of(config.to_dict(se)) == "seresnet" and table1.row_of(config.to_dict(base)) == "baseline"
 
 
+def test_a_fold1_sweep_names_its_protocol_and_anchor():
+    """Table I's values are leaderboard accuracies: a fold-1 sweep says so and names its anchor."""
+    from asc_dist.table1.collect import notes
+
+    (line,) = notes([{"report": {"count": 2518}}], {"rows": []})
+    assert "fold 1 test split (2518 clips)" in line and "leaderboard" in line and "59.7 %" in line
+    assert "as in the paper" not in line
+
+
 def test_launch_script_help_and_bad_subcommand(cli):
     p = subprocess.run(["bash", "launch/table1.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
                        check=False)

@@ -255,3 +255,64 @@ def test_list_not_found_or_split_missing(tau, tmp_path):
                        r"\(it has eval\)"):
         P.pack(audio_only, tmp_path / "o", train_list=str(tau.split), classes="airport,bus,park",
                **KW)
+
+
+# --------------------------------------------------------------------------- evaluation sets
+
+# DCASE 2025's evaluation set: anonymised names, each clip's device only in fold1_test.csv's
+# device_id column (ids seen in training and others); audio/9.wav lies there but is not listed.
+EVAL_2025 = {"audio/0.wav": "a", "audio/1.wav": "s4", "audio/2.wav": "s1", "audio/3.wav": "xyz"}
+
+
+def _eval_tree(root: Path, listed: dict[str, str | None], unlisted: str = "audio/9.wav") -> Path:
+    """An evaluation set as DCASE ships one: audio/ and evaluation_setup/fold1_test.csv only."""
+    rng = np.random.default_rng(1)
+    (root / "audio").mkdir(parents=True)
+    for f in [*listed, unlisted]:
+        sf.write(root / f, 0.3 * rng.uniform(-1, 1, 44100), 44100, subtype="PCM_24")
+    (root / "evaluation_setup").mkdir()
+    with_ids = any(listed.values())
+    (root / "evaluation_setup" / "fold1_test.csv").write_text(
+        ("filename\tdevice_id\n" if with_ids else "filename\n")
+        + "".join(f"{f}\t{d}\n" if with_ids else f"{f}\n" for f, d in listed.items()))
+    return root
+
+
+def test_evaluation_set_from_its_zips_is_its_test_list_with_device_ids(tmp_path, cli):
+    """fetch -> pack on the DCASE 2025 evaluation set: an unlabelled 'eval' split of exactly the
+    clips fold1_test.csv lists, each sample recording the device_id it is listed with."""
+    name = "TAU-urban-acoustic-scenes-2025-mobile-evaluation"
+    root = _eval_tree(tmp_path / name, EVAL_2025)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    for part, folder in (("audio.1", "audio"), ("meta", "evaluation_setup")):
+        with zipfile.ZipFile(downloads / f"{name}.{part}.zip", "w") as zf:
+            for f in sorted((root / folder).iterdir()):
+                zf.write(f, f"{name}/{folder}/{f.name}")
+    out = tmp_path / "shards"
+    r = cli(pack_main, [downloads, out, "--classes", "airport,bus,park", *ARGS])
+    assert r.returncode == 0, r
+    assert [p.name for p in out.iterdir()] == ["eval"]
+    m = json.loads((out / "eval" / "manifest.json").read_text())
+    assert not m["labelled"] and m["num_samples"] == len(EVAL_2025) and m["class_counts"] == {}
+    assert m["classes"] == ["airport", "bus", "park"]
+    samples = _samples(out, "eval")
+    assert {s["filename"]: s["device"] for s in samples} == EVAL_2025  # audio/9.wav left out
+    assert all(s["label"] == -1 and s["scene"] is None for s in samples)
+
+
+def test_evaluation_set_without_device_ids_takes_them_from_the_names(tmp_path):
+    """TAU 2022's evaluation set lists file names only: the device comes from a six-part name."""
+    listed = {_fn(s): None for s in TEST}
+    root = _eval_tree(tmp_path / "TAU-urban-acoustic-scenes-2022-mobile-evaluation", listed,
+                      unlisted=_fn(TRAIN[0]))
+    ms = P.pack(root, tmp_path / "out", **KW)
+    assert list(ms) == ["eval"] and not ms["eval"]["labelled"]
+    assert ms["eval"]["settings"]["layout"] == "tau2022"  # detected from the test list's names
+    samples = _samples(tmp_path / "out", "eval")
+    assert {s["filename"]: s["device"] for s in samples} == {_fn(s): s.split("-")[-1] for s in TEST}
+    # a listed clip without its device_id is named with the list and line
+    bad = root / "evaluation_setup" / "fold1_test.csv"
+    bad.write_text("filename\tdevice_id\naudio/x.wav\ta\naudio/y.wav\t\n")
+    with pytest.raises(P.PackError, match=rf"{bad}:3: missing device_id for audio/y.wav"):
+        P.pack(root, tmp_path / "out2", **KW)

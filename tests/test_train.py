@@ -211,6 +211,35 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(packed_shards, tmp_p
     assert model_state(run_dir / "checkpoints" / "step_9.pt")["step"] == 9
 
 
+def test_paper_protocol_trains_on_every_clip_without_a_test_split(synth_dataset, tmp_path, cli):
+    """pack --fold all + conf/experiment/paper_protocol.yaml: no test split, so no evaluation
+    (said once), the checkpoints kept, a clean finish; evaluate then asks for a split."""
+    from conftest import make_shards
+
+    from asc_dist import evaluate
+
+    shards = make_shards(tmp_path, dataset=synth_dataset, fold="all")
+    assert [p.name for p in shards.iterdir()] == ["train"]
+    run_dir = tmp_path / "run"
+    p = ok(cli(train.main, SMOKE + ["conf/experiment/paper_protocol.yaml",
+                                    *overrides(shards, run_dir, "wandb.mode=offline")]))
+    assert p.stderr.count("no evaluation") == 1 and "class-wise accuracy" not in p.stderr
+    ckpts = run_dir / "checkpoints"
+    assert sorted(f.name for f in ckpts.glob("step_*.pt")) == ["step_3.pt", "step_6.pt"]
+    assert (ckpts / "latest").read_text().strip() == "step_6.pt"
+    assert not (ckpts / "best.pt").exists()
+    assert not (run_dir / "eval").exists() and (run_dir / "curves.png").is_file()
+    assert not [r for r in read_metrics(run_dir / "metrics.jsonl") if any("eval" in k for k in r)]
+    state = model_state(ckpts / "step_6.pt")
+    assert state["config"]["data"]["test_split"] is None
+    assert state["config"]["name"] == "paper-protocol"
+    (wandb_file,) = run_dir.rglob(f"run-{state['wandb_id']}.wandb")
+    summary = read_wandb_file(wandb_file)["summary"]  # no "best accuracy" of a run that scored none
+    assert summary["step"] == 6 and "best_classwise_accuracy" not in summary
+    r = cli(evaluate.main, [run_dir])
+    assert r.returncode == 2 and "trained without a test split (data.test_split=null" in r.stderr
+
+
 def test_wandb_offline_history_and_run_id_survive_resume(packed_shards, tmp_path, cli):
     run_dir = tmp_path / "run"
     common = ["wandb.mode=offline", "train.global_batch=2", "train.eval_every=4"]

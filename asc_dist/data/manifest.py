@@ -220,18 +220,20 @@ def pack_command(split_dirs: list[Path]) -> str:
     """The ``pack`` command that rewrites these splits (of one root), with the dataset path their
     manifest recorded (``DATASET`` when it has none) and the split lists they were selected by
     (``--train-list``: without it a repack would hold the whole fold, not the subset)."""
-    source, lists = "DATASET", []
+    source, lists, fold = "DATASET", [], ""
     for i, d in enumerate(split_dirs):
         try:
             settings = json.loads((d / "manifest.json").read_text()).get("settings") or {}
             if i == 0:
                 source = settings.get("source") or source
+                # --fold all: without it a repack would hold fold 1's train list, not every clip
+                fold = f" --fold {settings['fold']}" if settings.get("fold", 1) != 1 else ""
             chosen = settings.get("split_list")
             if chosen:
                 lists.append(f" {chosen['option']} {shlex.quote(chosen['path'])}")
         except (OSError, ValueError, AttributeError, KeyError, TypeError):
             pass
-    return (f"python -m asc_dist.pack {source} {split_dirs[0].parent} --splits "
+    return (f"python -m asc_dist.pack {source} {split_dirs[0].parent}{fold} --splits "
             f"{','.join(d.name for d in split_dirs)}{''.join(lists)} --overwrite")
 
 

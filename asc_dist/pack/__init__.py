@@ -51,7 +51,9 @@ from asc_dist.digest import member_digests
 from asc_dist.errors import PackError
 from asc_dist.pack import manifest, zips
 from asc_dist.pack.layouts import (
+    ALL_FOLDS,
     Entry,
+    Member,
     SplitPlan,
     check_lists,
     parse_classes,
@@ -70,7 +72,7 @@ class PackOptions:
     """Everything ``pack`` can be told; the CLI's options map onto these one to one."""
 
     layout: str = "auto"  # auto | tut2018 | tau2019 | tau2022 | csv
-    fold: int = 1
+    fold: int | str = 1  # or "all": every labelled clip of meta.csv as the train split
     csv_path: str | None = None  # the list for layout csv (default: the one *.csv)
     # Keep only the train / test files these lists name (on disk, or a path inside the dataset),
     # e.g. DCASE 2024 task 1's split25.csv; recorded in that split's manifest.
@@ -96,6 +98,9 @@ class PackOptions:
     verbose: bool = True
 
     def check(self) -> None:
+        if self.fold != ALL_FOLDS and (type(self.fold) is not int or self.fold < 1):
+            raise PackError(f"fold={self.fold!r}: expected a fold number (1, 2, ...) or "
+                            f"'{ALL_FOLDS}'")
         if self.on_error not in ("fail", "skip"):
             raise PackError(f"on_error={self.on_error!r}: must be 'fail' or 'skip'")
         if self.sample_rate <= 0 or self.shard_size_mb <= 0 or (
@@ -109,17 +114,17 @@ class PackOptions:
                             f"({sorted(sf.available_subtypes('WAV'))})")
 
 
-def _read(src: Path | zips.Member, o: PackOptions) -> tuple:
+def _read(src: Path | Member, o: PackOptions) -> tuple:
     """A clip's checked samples, rate, format and size, from its file or its zip member."""
     checks = {"expect_sample_rate": o.expect_sample_rate, "expect_duration": o.expect_duration,
               "duration_tolerance": o.duration_tolerance}
-    if isinstance(src, zips.Member):
+    if isinstance(src, Member):
         data = zips.read_member(src)
         return *audio.read_checked(data, name=src.name, **checks), len(data)
     return *audio.read_checked(Path(src), **checks), os.path.getsize(src)
 
 
-def _convert(task: tuple[int, Path | zips.Member, PackOptions],
+def _convert(task: tuple[int, Path | Member, PackOptions],
              ) -> tuple[int, bytes | None, dict | None, str | None]:
     """Worker: (index, file or zip member, options) -> (index, stored WAV bytes, what was stored,
     problem)."""
@@ -147,7 +152,7 @@ def _problem(o: PackOptions, e: Entry, problem: str, skipped: list[dict]) -> Non
     if o.on_error == "fail":
         raise PackError(f"{e.filename}: {problem} ({e.path}, listed at {e.where})")
     # A zip member's name alone does not say which of the zips to check or download again.
-    where = f" ({e.path})" if isinstance(e.path, zips.Member) else ""
+    where = f" ({e.path})" if isinstance(e.path, Member) else ""
     skipped.append({"file": e.filename, "reason": problem + where})
 
 
@@ -213,6 +218,9 @@ def pack(dataset_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     t0 = time.perf_counter()
     source, out = zips.open_source(dataset_dir), Path(out_dir).resolve()
     layout, splits, meta = plan_splits(source, o.layout, o.fold, o.csv_path, o.split)
+    if o.fold == ALL_FOLDS:
+        log.info(f"--fold all: the train split is every clip meta.csv labels "
+                 f"({len(splits[0].entries)} of {len(meta)}); the fold files are not read")
     classes = parse_classes(o.classes)
     if classes is None:
         # meta.csv is the dataset's own label set: a fold-file label outside it is an error.

@@ -12,7 +12,17 @@ import os
 from asc_dist import audio
 from asc_dist.cli import command
 from asc_dist.pack import PackOptions, pack
-from asc_dist.pack.layouts import LAYOUTS
+from asc_dist.pack.layouts import ALL_FOLDS, LAYOUTS
+
+
+def _fold(value: str) -> int | str:
+    if value == ALL_FOLDS:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number or '{ALL_FOLDS}', got "
+                                         f"{value!r}") from None
 
 
 @command("asc_dist.pack")
@@ -36,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
                     "TUT-urban-acoustic-scenes-2018-development.*.zip)")
     ap.add_argument("out_dir", metavar="OUT_DIR", help="output root; splits go to OUT_DIR/<split>/")
     ap.add_argument("--layout", choices=LAYOUTS, default=d.layout,
-                    help="tut2018: fold<k>_train/evaluate.txt (no fold files -> unlabelled 'eval' split); "
-                    "tau2019: fold<k>_*.csv with header; tau2022: the same, 1-s clips with "
-                    "six-part names (TAU 2022 Mobile); csv: filename,label list")
-    ap.add_argument("--fold", type=int, default=d.fold)
+                    help="tut2018: fold<k>_train/evaluate.txt; tau2019: fold<k>_*.csv with header; "
+                    "tau2022: the same, 1-s clips with six-part names (TAU 2022 Mobile); without "
+                    "train/evaluate lists (an evaluation set): one unlabelled 'eval' split of the "
+                    "files fold<k>_test lists (its device_id column kept), else of all audio; "
+                    "csv: filename,label list")
+    ap.add_argument("--fold", type=_fold, default=d.fold,
+                    help="the fold whose train/evaluate lists make the train/test splits, or "
+                    "'all': every clip meta.csv labels as the train split, fold files ignored "
+                    "(the paper's protocol: train on the whole development set)")
     ap.add_argument("--csv", dest="csv_path", help="CSV list for --layout csv (default: the one *.csv in DATASET; with zips also a "
                     "path inside them)")
     ap.add_argument("--train-list", metavar="LIST",

@@ -2,8 +2,11 @@
 
 * ``tut2018``: TUT Urban Acoustic Scenes 2018 (``evaluation_setup/fold<k>_train.txt`` /
   ``fold<k>_evaluate.txt``, tab-separated without header, plus ``meta.csv``); a folder without
-  fold files is the unlabelled ``eval`` split (leaderboard / evaluation sets).
-* ``tau2019``: TAU 2019/2020 (the same with ``.csv`` fold files that have a header row).
+  them is the unlabelled ``eval`` split (leaderboard / evaluation sets): the files its
+  ``fold<k>_test`` list names, or without one every audio file.
+* ``tau2019``: TAU 2019/2020 (the same with ``.csv`` fold files that have a header row). The DCASE
+  evaluation sets ship only ``fold<k>_test.csv``, whose ``device_id`` column (DCASE 2025) gives
+  each clip's device.
 * ``tau2022``: TAU 2022 Mobile (1-s clips with six-part names), read exactly as ``tau2019``; the
   name only records which dataset was packed (auto-detected from the names in the fold files).
 * ``csv``: one list with a header naming ``filename`` and optionally ``scene_label``/``label``.
@@ -11,6 +14,10 @@
 The dataset's files are read through a :class:`DatasetSource`, by their path relative to the
 dataset's top folder: an unpacked folder (:class:`FolderSource`) or the zip parts a dataset ships
 as (asc_dist.pack.zips.ZipSource), so both are planned and checked by the same code.
+
+Fold ``all`` (:data:`ALL_FOLDS`) packs every labelled clip of ``meta.csv`` as the ``train``
+split and ignores the fold files: the protocol of Ye et al., who train on the whole TUT 2018
+development set and test on its leaderboard set.
 
 A split list (``--train-list``/``--test-list``, e.g. DCASE 2024 task 1's ``split25.csv``) keeps
 only the files it names of one split: :func:`select_listed`.
@@ -25,17 +32,14 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from asc_dist.audio import AUDIO_EXTS
 from asc_dist.errors import PackError
 
-if TYPE_CHECKING:
-    from asc_dist.pack.zips import Member
-
 LAYOUTS = ("auto", "tut2018", "tau2019", "tau2022", "csv")
+ALL_FOLDS = "all"  # --fold all: every labelled clip is training data (module docstring)
 CSV_FOLDS = ("tau2019", "tau2022")  # the layouts whose fold files are .csv with a header row
 # <scene>-<city>-<location>-<segment>[-<index>]-<device>: TUT 2018 / TAU 2019-2020 have five parts
 # (airport-barcelona-0-0-a, tram-vienna-3-17-s2); TAU 2022 Mobile cut each 10-s segment into 1-s
@@ -48,12 +52,28 @@ TUT_NAME = re.compile(
 META_HEADER = ["filename", "scene_label", "identifier", "source_label"]
 SETUP = "evaluation_setup"
 
+@dataclass(frozen=True)
+class Member:
+    """A file's bytes inside a zip (asc_dist.pack.zips): what a decode worker is handed instead of
+    a path. Here, beside the sources that hand it out, so that zips imports layouts, not back."""
+
+    zip: str | None  # None: listed, but in none of the zips
+    name: str
+
+    def is_file(self) -> bool:
+        return self.zip is not None
+
+    def __str__(self) -> str:
+        return f"{self.zip}/{self.name}" if self.zip else f"{self.name} (in none of the zips)"
+
+
 @dataclass
 class Entry:
     filename: str  # as listed, relative to the dataset dir (e.g. audio/airport-barcelona-0-0-a.wav)
     path: Path | Member  # where its bytes are: a file, or a member of one of the zips
     label: str | None
     where: str  # "<list file>:<line>" for error messages
+    device: str | None = None  # as the list names it (a device_id column), else from elsewhere
 
 
 @dataclass
@@ -164,26 +184,41 @@ def _read_rows(src: DatasetSource, rel: str, delimiter: str | None) -> tuple[str
     return where, rows
 
 
-def _read_meta(src: DatasetSource) -> dict[str, dict]:
-    """meta.csv (TUT/TAU): filename -> {scene_label, identifier, source_label} (missing -> {})."""
+def _meta_rows(src: DatasetSource) -> tuple[str, list[tuple[int, dict]]]:
+    """meta.csv (TUT/TAU): where it is, and its records {filename, scene_label, identifier,
+    source_label} with their line numbers (none when there is no meta.csv)."""
     if not src.is_file("meta.csv"):
-        return {}
+        return src.locate("meta.csv"), []
     path, rows = _read_rows(src, "meta.csv", "\t")
     if not rows:
-        return {}
+        return path, []
     header = rows[0][1]
     if "filename" not in header:
         raise PackError(f"{path}:1: header must name a 'filename' column, got {header}")
-    meta = {}
+    records, seen = [], set()
     for lineno, row in rows[1:]:
         rec = dict(zip(header, row))
         fn = rec.get("filename", "")
         if not fn:
             raise PackError(f"{path}:{lineno}: empty filename")
-        if fn in meta:
+        if fn in seen:
             raise PackError(f"{path}:{lineno}: duplicate filename {fn}")
-        meta[fn] = rec
-    return meta
+        seen.add(fn)
+        records.append((lineno, rec))
+    return path, records
+
+
+def _every_labelled_clip(src: DatasetSource, path: str, rows: list[tuple[int, dict]]) -> SplitPlan:
+    """Fold ``all``: every clip meta.csv labels, as the train split; the fold files are not read."""
+    if not rows:
+        raise PackError(f"{path}: --fold all packs the clips meta.csv labels, and there is no "
+                        "meta.csv (or it lists no clips)")
+    entries = [Entry(rec["filename"], src.ref(rec["filename"]), rec["scene_label"],
+                     f"{path}:{lineno}") for lineno, rec in rows if rec.get("scene_label")]
+    if not entries:
+        raise PackError(f"{path}: --fold all packs the clips meta.csv labels, and it labels none "
+                        "(no 'scene_label' values)")
+    return SplitPlan("train", entries, True)
 
 
 def _read_fold_txt(src: DatasetSource, rel: str, labelled: bool) -> list[Entry]:
@@ -201,7 +236,7 @@ def _read_fold_txt(src: DatasetSource, rel: str, labelled: bool) -> list[Entry]:
 def _read_table(lists: DatasetSource, rel: str, data: DatasetSource,
                 delimiter: str | None = None) -> tuple[list[Entry], bool]:
     """A list (in ``lists``) with a header row naming 'filename' and optionally 'scene_label' or
-    'label'; the files it names are in ``data``."""
+    'label' and 'device_id'; the files it names are in ``data``."""
     path, rows = _read_rows(lists, rel, delimiter)
     if not rows:
         raise PackError(f"{path}: empty list file")
@@ -210,6 +245,7 @@ def _read_table(lists: DatasetSource, rel: str, data: DatasetSource,
         raise PackError(f"{path}:1: header must name a 'filename' column, got {rows[0][1]}")
     fi = header.index("filename")
     li = next((header.index(c) for c in ("scene_label", "label") if c in header), None)
+    di = header.index("device_id") if "device_id" in header else None
     entries = []
     for lineno, row in rows[1:]:
         where = f"{path}:{lineno}"
@@ -220,8 +256,24 @@ def _read_table(lists: DatasetSource, rel: str, data: DatasetSource,
             if len(row) <= li or not row[li]:
                 raise PackError(f"{where}: missing label for {row[fi]}")
             label = row[li]
-        entries.append(Entry(row[fi], data.ref(row[fi]), label, where))
+        device = None
+        if di is not None:
+            if len(row) <= di or not row[di]:
+                raise PackError(f"{where}: missing device_id for {row[fi]}")
+            device = row[di]
+        entries.append(Entry(row[fi], data.ref(row[fi]), label, where, device))
     return entries, li is not None
+
+
+def _test_list(src: DatasetSource, rel: str, ext: str) -> list[Entry]:
+    """An evaluation set's fold<k>_test list (.txt: file names; .csv: a header naming 'filename'
+    and, for DCASE 2025, 'device_id'), unlabelled whatever else it holds."""
+    if ext == "txt":
+        return _read_fold_txt(src, rel, False)
+    entries, _ = _read_table(src, rel, src, "\t")
+    if not entries:
+        raise PackError(f"{src.locate(rel)}: names no files")
+    return [replace(e, label=None) for e in entries]
 
 
 def _audio_folder(src: DatasetSource) -> list[Entry]:
@@ -247,19 +299,19 @@ def _first_listed(src: DatasetSource, rel: str) -> str:
         return ""  # plan_splits reads it again and names the problem
 
 
-def detect_layout(dataset: Path | DatasetSource, fold: int = 1) -> str:
+def detect_layout(dataset: Path | DatasetSource, fold: int | str = 1) -> str:
     src = as_source(dataset)
-    folds = [f"{SETUP}/fold{fold}_{s}.csv" for s in ("train", "evaluate")]
-    if any(src.is_file(f) for f in folds):
-        first = _first_listed(src, next(f for f in folds if src.is_file(f)))
-        m = TUT_NAME.match(PurePosixPath(first).stem)
+    k = "*" if fold == ALL_FOLDS else fold  # fold all: any fold's files tell the layout
+    folds = [f for s in ("train", "evaluate", "test") for f in src.glob(SETUP, f"fold{k}_{s}.csv")]
+    if folds:
+        m = TUT_NAME.match(PurePosixPath(_first_listed(src, folds[0])).stem)
         return "tau2022" if m and m["index"] is not None else "tau2019"
-    if src.is_file(f"{SETUP}/fold{fold}_train.txt") or src.is_dir("audio"):
+    if src.glob(SETUP, f"fold{k}_train.txt") or src.is_dir("audio"):
         return "tut2018"
     if _csv_lists(src):
         return "csv"
     raise PackError(
-        f"{src.locate('')}: cannot detect the layout (no evaluation_setup/fold{fold}_*.txt|csv, no "
+        f"{src.locate('')}: cannot detect the layout (no evaluation_setup/fold{k}_*.txt|csv, no "
         "audio/, no *.csv); pass --layout"
     )
 
@@ -267,7 +319,7 @@ def detect_layout(dataset: Path | DatasetSource, fold: int = 1) -> str:
 def plan_splits(
     dataset: Path | DatasetSource,
     layout: str = "auto",
-    fold: int = 1,
+    fold: int | str = 1,
     csv_path: str | Path | None = None,
     split: str | None = None,
 ) -> tuple[str, list[SplitPlan], dict[str, dict]]:
@@ -280,11 +332,21 @@ def plan_splits(
     src = as_source(dataset)
     if layout == "auto":
         layout = detect_layout(src, fold)
-    meta = _read_meta(src) if layout in ("tut2018", *CSV_FOLDS) else {}
+    meta_path, meta_rows = _meta_rows(src) if layout in ("tut2018", *CSV_FOLDS) else ("", [])
+    meta = {rec["filename"]: rec for _, rec in meta_rows}
+    if fold == ALL_FOLDS and layout not in ("tut2018", *CSV_FOLDS):
+        raise PackError(f"--fold all packs a TUT/TAU dataset's meta.csv; the {layout} layout has "
+                        "no folds (it packs its one list)")
     if layout in ("tut2018", *CSV_FOLDS):
+        if fold == ALL_FOLDS:
+            return layout, [_every_labelled_clip(src, meta_path, meta_rows)], meta
         ext = "txt" if layout == "tut2018" else "csv"
         train_f, eval_f = f"{SETUP}/fold{fold}_train.{ext}", f"{SETUP}/fold{fold}_evaluate.{ext}"
         if not src.is_file(train_f) and not src.is_file(eval_f):
+            test_f = f"{SETUP}/fold{fold}_test.{ext}"
+            if src.is_file(test_f):  # an evaluation set: exactly the clips its list names
+                entries = _test_list(src, test_f, ext)
+                return layout, [SplitPlan(split or "eval", entries, False)], meta
             others = ([PurePosixPath(f).name for f in src.glob(SETUP, f"fold*_*.{ext}")]
                       if src.is_dir(SETUP) else [])
             if others:

@@ -24,7 +24,8 @@ LISTED = ("key", "label", "scene", "city", "location", "device", "filename")
 
 
 def sample_record(e: Entry, classes: list[str], meta_row: dict, stored: dict, sample_rate: int) -> dict:
-    """Metadata of one packed clip; meta.csv's identifier (e.g. barcelona-0) wins over the name.
+    """Metadata of one packed clip; meta.csv's identifier (e.g. barcelona-0) wins over the name,
+    and the device a list names (an evaluation set's device_id) over meta.csv and the name.
 
     ``stored``: frames and channels as packed, and the ``source`` file's format.
     """
@@ -37,7 +38,7 @@ def sample_record(e: Entry, classes: list[str], meta_row: dict, stored: dict, sa
         "label": classes.index(e.label) if e.label is not None else -1,
         "city": meta_row["identifier"].rsplit("-", 1)[0] if meta_row.get("identifier") else names["city"],
         "location": meta_row.get("identifier") or names["location"],
-        "device": meta_row.get("source_label") or names["device"],
+        "device": e.device or meta_row.get("source_label") or names["device"],
         "duration": stored["frames"] / sample_rate,
         "source_sample_rate": source["sample_rate"],
         "source_channels": source["channels"],

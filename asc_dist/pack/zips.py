@@ -18,13 +18,12 @@ import posixpath
 import zipfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from asc_dist.audio import AUDIO_EXTS
 from asc_dist.errors import PackError
-from asc_dist.pack.layouts import SETUP, DatasetSource, FolderSource
+from asc_dist.pack.layouts import SETUP, DatasetSource, FolderSource, Member
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +34,6 @@ _METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile
 # Folder names that are part of a layout, never a dataset's top folder: a zip holding only
 # audio/... has no top folder to strip.
 _LAYOUT_FOLDERS = {"audio", SETUP}
-
-
-@dataclass(frozen=True)
-class Member:
-    """A file's bytes inside a zip: what a decode worker is handed instead of a path."""
-
-    zip: str | None  # None: listed, but in none of the zips
-    name: str
-
-    def is_file(self) -> bool:
-        return self.zip is not None
-
-    def __str__(self) -> str:
-        return f"{self.zip}/{self.name}" if self.zip else f"{self.name} (in none of the zips)"
 
 
 # This process's open zips. Spawned decode workers each open their own; pack() closes the
