@@ -226,7 +226,9 @@ class RoutedModel(nn.Module):
                 idx = torch.tensor(rows, device=x.device)
                 part = x.index_select(0, idx)
             dtype = next(model.parameters()).dtype
-            y = model(standardize(part.float()).to(dtype))
+            with torch.autocast(x.device.type, enabled=False):  # features stay float32
+                inp = standardize(part.float()).to(dtype)
+            y = model(inp)
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out[rows] = y

@@ -188,8 +188,9 @@ def predict_files(restored, items: list[Item], *, batch_size: int = 16, workers:
                     (bar.write(msg, file=sys.stderr) if bar else log.warning(msg))
             if ok:
                 wave = torch.stack([w for _, w in ok]).to(device)
+                x = logmel(wave)  # float32, outside autocast: only the network runs in bf16
                 with autocast:
-                    logits = model(logmel(wave), [items[i].device for i, _ in ok])
+                    logits = model(x, [items[i].device for i, _ in ok])
                 p = logits.float().softmax(dim=1).cpu()
                 for row, (i, _) in enumerate(ok):
                     probs[i] = p[row]

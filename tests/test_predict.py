@@ -239,6 +239,8 @@ def test_precision_flag_overrides_the_training_runs_precision(run_dir, audio_dir
     assert np.array_equal(default, fp32)
     assert np.isfinite(bf16).all() and not np.array_equal(fp32, bf16)
     assert np.abs(fp32 - bf16).max() < 0.01
+    fp16 = scores("--precision", "fp16")  # model and inputs cast, as the DCASE baselines test
+    assert not np.array_equal(fp32, fp16) and np.abs(fp32 - fp16).max() < 0.01
     with pytest.raises(SystemExit) as e:
-        predict.main([str(run_dir), *files, "--precision", "fp16"])
+        predict.main([str(run_dir), *files, "--precision", "fp8"])
     assert e.value.code == 2 and "--precision" in capsys.readouterr().err

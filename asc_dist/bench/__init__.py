@@ -6,6 +6,7 @@
     python -m asc_dist.bench gpu OUT_DIR [...]         a GPU node end to end (launch/gpu_check.sh)
     python -m asc_dist.bench integrity --shards DIR    the cost of the shard-integrity check
     python -m asc_dist.bench distill OUT_DIR [...]     teacher -> student without/with KD (synthetic)
+    python -m asc_dist.bench devices OUT_DIR [...]     general model -> device set -> routed evaluation
 
 To add a subcommand: a module here with ``add_parser(subparsers)`` registering its arguments and
 ``set_defaults(func=run)``, listed in :func:`build_parser`.
@@ -58,11 +59,11 @@ def add_stream_args(p: argparse.ArgumentParser, *, backends: str, repeat: int, b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from asc_dist.bench import data, distill, gpu, integrity, train
+    from asc_dist.bench import data, devices, distill, gpu, integrity, train
 
     parser = argparse.ArgumentParser(prog="python -m asc_dist.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, train, gpu, integrity, distill):
+    for module in (data, train, gpu, integrity, distill, devices):
         module.add_parser(sub)
     return parser
 
