@@ -39,8 +39,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from asc_dist import atomic
-from asc_dist.audio import RESAMPLER
 from asc_dist.cli import command
+from asc_dist.errors import ConfigError
 from asc_dist.frontend import LogMel, clip_samples, fix_length
 from asc_dist.restore import restore
 
@@ -131,7 +131,7 @@ def metadata(restored, files: dict[str, str], check: dict) -> dict:
             "kind": "waveform", "shape": "[B, L] float32 (model.pt also [L])",
             "sample_rate": int(f.sample_rate),
             "channels": "mono (average the channels of multi-channel audio)",
-            "resampler": RESAMPLER,
+            "resampler": restored.resampler,
             "scale": "float in [-1, 1] (soundfile dtype='float32')",
             "clip_samples": clip_samples(f),
             "length": "model.pt: any L, zero-padded or cropped to clip_samples inside; "
@@ -213,12 +213,17 @@ def classify(module, meta, wave):
     return [meta["classes"][i] for i in probs.argmax(dim=-1).tolist()], probs
 
 
-def read_audio(path, sample_rate):
-    """Channel mean, then soxr "VHQ" resampling in float64: the training data's path."""
+def read_audio(path, sample_rate, resampler="soxr-vhq"):
+    """Channel mean, then the training data's resampler: soxr "VHQ" in float64, or torchaudio's
+    default resample in float32 (meta["input"]["resampler"])."""
     import soundfile as sf
 
     x, sr = sf.read(path, dtype="float64", always_2d=True)
     x = x.mean(axis=1)
+    if sr != sample_rate and resampler == "torchaudio":
+        import torchaudio.functional
+
+        return torchaudio.functional.resample(torch.from_numpy(x.astype("float32")), sr, sample_rate)
     if sr != sample_rate:
         import soxr
 
@@ -231,7 +236,8 @@ if __name__ == "__main__":
         sys.exit(__doc__)
     module, meta = load(sys.argv[1])
     for path in sys.argv[2:]:
-        labels, probs = classify(module, meta, read_audio(path, meta["input"]["sample_rate"])[None])
+        wave = read_audio(path, meta["input"]["sample_rate"], meta["input"]["resampler"])
+        labels, probs = classify(module, meta, wave[None])
         print(f"{path}\\t{labels[0]}\\t{float(probs.max()):.3f}")
 '''
 
@@ -304,6 +310,20 @@ def export(restored, out_dir: str | Path, *, formats: tuple[str, ...] = ("torchs
     return meta
 
 
+def _dcase2025(args) -> int:
+    from asc_dist.devices import load_model_or_set
+    from asc_dist.submission import write_package
+
+    if not args.label:
+        raise ConfigError("--dcase2025 needs --label (the submission label, e.g. Lastname_INST_task1)")
+    model = load_model_or_set(args.checkpoint, device="cpu")
+    meta = write_package(model, args.dcase2025, args.label, args.index, overwrite=args.overwrite,
+                         atol=args.atol)
+    print(json.dumps({"package": str(args.dcase2025), "module": f"{meta['label']}_{meta['index']}",
+                      "members": ["general", *meta["members"]], "half": meta["half"]}))
+    return 0
+
+
 @command("asc_dist.export")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
@@ -312,8 +332,14 @@ def main(argv: list[str] | None = None) -> int:
                     "torch.export model.pt2) with its front-end parameters, classes and "
                     "standardisation stats (model.json) and a torch-only loader (load_model.py); "
                     "each is checked against the original before it is kept.")
-    p.add_argument("checkpoint", help="checkpoint .pt file, or a run dir (its newest checkpoint)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("checkpoint", help="checkpoint .pt file, a run dir (its newest checkpoint), or "
+                                      "for --dcase2025 a device set")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--dcase2025", metavar="OUT", default=None,
+                   help="write the DCASE 2025 task 1 inference package to OUT instead (needs --label;"
+                        " asc_dist/submission.py)")
+    p.add_argument("--label", help="--dcase2025: the submission label, e.g. Lastname_INST_task1")
+    p.add_argument("--index", type=int, default=1, help="--dcase2025: the module number 1-4 (default 1)")
     p.add_argument("--format", choices=["both", "torchscript", "export"], default="both",
                    help="both (default; a format that cannot be built is skipped with a warning), "
                         "or only one (then it must succeed)")
@@ -321,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--atol", type=float, default=1e-4,
                    help="largest allowed logit difference in the round-trip check (default 1e-4)")
     args = p.parse_args(argv)
+    if args.dcase2025:
+        return _dcase2025(args)
+    if not args.out:
+        raise ConfigError("--out DIR is required (or --dcase2025 OUT --label LABEL)")
     formats = ("torchscript", "export") if args.format == "both" else (args.format,)
     restored = restore(args.checkpoint, device="cpu")
     try:
