@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from asc_dist import config
-    from asc_dist.model import build_model
+    from asc_dist.models import build_model
 
     cfg = config.load(args.config)
     if cfg.num_classes is None or int(cfg.num_classes) < 1:
