@@ -21,7 +21,10 @@ What and where (the trainer's order; mixup itself lives in :mod:`asc_dist.mixup`
   get the fill value: mask_at = mel_power masks the power before the log, as the DCASE 2024
   baseline masks its mel power before ``ln(x + 1e-5)``, so a masked entry reads as the log of
   zero power in the configured log (``features.floor_db`` for ``log: db``, ``ln(log_eps)`` for
-  ``log: ln``); log_mel and input fill 0.0. ``count = 0`` or ``width = 0`` is off.
+  ``log: ln``); log_mel fills 0 on the log-mel, i.e. its image under the features' affine map
+  (``(0 + log_offset) / log_divisor``: PaSST's masks act after the log and before its
+  (x + 4.5) / 5, so a masked entry reads 0.9); input fills 0.0. Both fills of mel_power and
+  log_mel go through the affine map. ``count = 0`` or ``width = 0`` is off.
 * Frequency-MixStyle (Schmid et al., DCASE 2022; CPJKU's ``mixstyle(x, p, alpha, eps)``): with
   probability ``p`` per batch, per instance and frequency bin the mean and (unbiased) variance
   over (channel, time) are taken (detached), ``x`` is normalised with them and re-scaled with
@@ -49,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from asc_dist.frontend import log_zero
+from asc_dist.frontend import feature_value, log_zero
 from asc_dist.mixup import sample_beta
 
 MASK_AT = ("mel_power", "log_mel", "input")
@@ -66,10 +69,12 @@ def roll_frames(roll_seconds: float, sample_rate: int, hop_length: int) -> int:
 
 def mask_fill_value(mask_at: str, cfg_features) -> float:
     """The value a masked entry gets: the log of zero power (frontend.log_zero) for mel_power,
-    else 0.0."""
+    a log-mel of 0 for log_mel (both through the features' affine map), 0.0 for input."""
     if mask_at not in MASK_AT:
         raise ValueError(f"augment.mask_at={mask_at!r}: must be one of {', '.join(MASK_AT)}")
-    return log_zero(cfg_features) if mask_at == "mel_power" else 0.0
+    if mask_at == "mel_power":
+        return log_zero(cfg_features)
+    return feature_value(cfg_features, 0.0) if mask_at == "log_mel" else 0.0
 
 
 def time_roll(x: torch.Tensor, max_shift: int, generator: torch.Generator | None

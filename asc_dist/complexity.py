@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                         "run's complexity.limits)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from asc_dist import config
-    from asc_dist.model import build_model
+    from asc_dist.models import build_model
 
     if len(args.config) == 1 and not args.config[0].endswith((".yaml", ".yml")) \
             and "=" not in args.config[0]:

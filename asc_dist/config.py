@@ -5,7 +5,7 @@ The dataclasses below are the one source of defaults (the paper's recipe): choic
 ``conf/config.yaml`` states the same values with comments for people to read
 (``python -m asc_dist.config --defaults`` prints them; a test fails when the file is stale); it
 is never merged into a run. Factories take the typed config and never fall back to defaults of
-their own. Model names live in asc_dist.model's registry (checked by :func:`asc_dist.model.
+their own. Model names live in asc_dist.models' registry (checked by :func:`asc_dist.models.
 check_model` before any process group starts), so this module imports no torch.
 
 Load order: the schema, extra YAML files in the order given, then omegaconf dotlist overrides.
@@ -80,15 +80,27 @@ class FeaturesConfig:
     clip_seconds: float = positive(10.0)
     # Centred STFT gives 321 frames for 10 s; the paper's 320 is a crop of the last frame.
     frames: int = positive(320)
-    # Mel filterbank: slaney (librosa's default, the 2018 recipe) or htk scale; slaney (area)
-    # normalisation of each filter or none (torchaudio's default, the DCASE 2024 baseline).
-    mel_scale: Literal["slaney", "htk"] = "slaney"
+    # Mel filterbank: slaney (librosa's default, the 2018 recipe) or htk scale, or kaldi
+    # (torchaudio.compliance.kaldi.get_mel_banks, triangles in the mel domain, a zero weight on
+    # the Nyquist bin: PaSST's front end); slaney (area) normalisation of each filter or none
+    # (torchaudio's default, the DCASE 2024 baseline; kaldi needs none).
+    mel_scale: Literal["slaney", "htk", "kaldi"] = "slaney"
     mel_norm: Literal["slaney", "none"] = "slaney"
     # db: 10*log10(max(power, 10**(floor_db/10))); ln: ln(power + log_eps) (the DCASE 2024
     # baseline's log).
     log: Literal["db", "ln"] = "db"
     floor_db: float = -100.0
     log_eps: float = positive(1e-5)
+    # Pre-emphasis y[n] = x[n+1] - c * x[n] before the STFT (PaSST's conv1d with kernel [-c, 1],
+    # c = 0.97): the clip gets one sample shorter (1 s at 32 kHz: 31,999 samples, 100 frames at
+    # hop 320). 0 = off.
+    preemphasis: float = non_negative(0.0)
+    # Hann window: periodic (torch's default, the 2018 and DCASE 2024 recipes) or symmetric
+    # (PaSST's torch.hann_window(periodic=False)).
+    window: Literal["periodic", "symmetric"] = "periodic"
+    # A fixed affine map after the log: (log + log_offset) / log_divisor (PaSST: 4.5 and 5).
+    log_offset: float = 0.0
+    log_divisor: float = positive(1.0)
 
 
 @dataclass
@@ -120,11 +132,32 @@ class DataConfig:
 
 
 @dataclass
+class PasstConfig:
+    """PaSST (``model.name=passt``): hear21passt's ViT on 16x16 patches at stride 10."""
+
+    # The architecture (hear21passt's name); the AudioSet weights are this one's.
+    arch: Literal["passt_s_swa_p16_128_ap476", "passt_s_kd_p16_128_ap486",
+                  "passt_l_kd_p16_128_ap47"] = "passt_s_swa_p16_128_ap476"
+    # Structured patchout in training: patch columns (time) / rows (frequency) dropped per batch.
+    s_patchout_t: int = non_negative(0)
+    s_patchout_f: int = non_negative(0)
+    # The input the positional embeddings are sized for: mel bins (= features.n_mels) and
+    # frames (998 with the AudioSet weights: 99 time columns, sliced for shorter inputs).
+    input_fdim: int = positive(128)
+    input_tdim: int = positive(998)
+    # null: the arch's (768, 12 or 7, 12); smaller for experiments and tests (random init only).
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+
+
+@dataclass
 class ModelConfig:
-    # A name asc_dist.model's registry knows (checked before any process group starts; the
+    # A name asc_dist.models' registry knows (checked before any process group starts; the
     # registry imports torchvision/timm, which this module stays free of).
     name: str = "resnet50"
-    pretrained: str = "imagenet"  # imagenet | none | /path/to/state_dict.pt
+    # imagenet | passt-audioset | none | /path/to/state_dict.pt
+    pretrained: str = "imagenet"
     # sum: 1-channel conv1 = sum of RGB filters | repeat: input x3
     input_adapt: Literal["sum", "repeat"] = "sum"
     resize: list[int] | None = None  # [H, W] to interpolate the log-mel to, or null
@@ -133,6 +166,7 @@ class ModelConfig:
     # reduce-overhead: CUDA-graph capture of forward and backward, for small per-GPU batches
     # where launching kernels costs more than running them; off by default until measured
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    passt: PasstConfig = field(default_factory=PasstConfig)
 
 
 @dataclass
@@ -179,8 +213,8 @@ class AugmentConfig:
     freq_mask: MaskConfig = field(default_factory=MaskConfig)
     time_mask: MaskConfig = field(default_factory=MaskConfig)
     # Where the masks act: mel_power (before the log, as the DCASE 2024 baseline: a masked bin
-    # reads as log of zero), log_mel (0 on the log-mel, before standardisation) or input (0 on
-    # the network's input, after it).
+    # reads as log of zero), log_mel (0 on the log-mel, before the affine map and
+    # standardisation: PaSST's masks, reading (0 + 4.5) / 5) or input (0 on the network's input).
     mask_at: Literal["mel_power", "log_mel", "input"] = "mel_power"
     # Roll each clip along time by a uniform integer shift in [-s, s] seconds (in frames); 0 = off.
     roll_seconds: float = non_negative(0.0)
@@ -262,6 +296,9 @@ class TrainConfig:
     # The periodic and final evaluation: auto = as train.precision; fp32; fp16 = model and inputs
     # cast to float16 (model.half(), the DCASE 2024/2025 baselines' test)
     eval_precision: Literal["auto", "fp32", "fp16"] = "auto"
+    # Recompute each block's activations in the backward pass instead of keeping them: less
+    # memory for ~30 % more compute (passt and timm models)
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -327,7 +364,11 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
             f"features.f_max={f.f_max} is above Nyquist ({f.sample_rate / 2} Hz for "
             f"features.sample_rate={f.sample_rate})"
         )
-    max_frames = round(f.clip_seconds * f.sample_rate) // f.hop_length + 1
+    if f.mel_scale == "kaldi" and f.mel_norm != "none":
+        raise ConfigError("features.mel_scale=kaldi builds Kaldi's unnormalised triangles: set "
+                          "features.mel_norm=none")
+    samples = round(f.clip_seconds * f.sample_rate) - (1 if f.preemphasis > 0 else 0)
+    max_frames = samples // f.hop_length + 1
     if f.frames > max_frames:
         raise ConfigError(
             f"features.frames={f.frames}: a {f.clip_seconds} s clip at hop {f.hop_length} "
@@ -371,6 +412,30 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
         len(cfg.model.resize) != 2 or min(cfg.model.resize) <= 0
     ):
         raise ConfigError(f"model.resize={list(cfg.model.resize)}: must be [height, width] > 0")
+    if cfg.model.name == "passt":
+        _check_passt(cfg)
+
+
+def _check_passt(cfg: Any) -> None:
+    """PaSST's positional embeddings are sized for its input: the mel bins must be input_fdim."""
+    p = cfg.model.passt
+    height = cfg.model.resize[0] if cfg.model.resize is not None else cfg.features.n_mels
+    where = "model.resize[0]" if cfg.model.resize is not None else "features.n_mels"
+    if height != p.input_fdim:
+        raise ConfigError(f"model.passt.input_fdim={p.input_fdim} but {where}={height}: PaSST's "
+                          f"frequency embedding is sized for input_fdim mel bins (128 for the "
+                          f"AudioSet weights)")
+    for key in ("embed_dim", "depth", "num_heads"):
+        value = getattr(p, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"model.passt.{key}={value}: must be > 0 (or null: the arch's)")
+    # Every arch has 16x16 patches at stride 10: the patch grid of the input
+    width = cfg.model.resize[1] if cfg.model.resize is not None else cfg.features.frames
+    grid = {"t": min((width - 16) // 10 + 1, p.input_tdim // 10), "f": p.input_fdim // 10}
+    for axis, what in (("t", "time columns"), ("f", "frequency rows")):
+        if getattr(p, f"s_patchout_{axis}") >= max(grid[axis], 1):
+            raise ConfigError(f"model.passt.s_patchout_{axis}={getattr(p, f's_patchout_{axis}')}: "
+                              f"the input has only {grid[axis]} patch {what}")
 
 
 # Keys that moved, old -> new: a YAML or override using the old one is refused naming the new

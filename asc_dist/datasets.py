@@ -174,13 +174,16 @@ def load_registry(path: str | Path | None = None) -> dict[str, Dataset]:
 @dataclass(frozen=True)
 class Remote:
     """One file to fetch: ``digest`` is the expected hex digest of ``algo``, or a prefix of it
-    (torchvision names its files by a sha256 prefix); ``size`` is None when unknown."""
+    (torchvision names its files by a sha256 prefix; empty: nothing known to check it by);
+    ``size`` is None when unknown. ``require_length``: refuse a server that does not say the
+    file's length (with nothing else to check, a cut download would pass for the file)."""
 
     url: str
     dest: Path
     digest: str
     algo: str = "md5"
     size: int | None = None
+    require_length: bool = False
 
     @property
     def part(self) -> Path:
@@ -270,6 +273,10 @@ def _download(r: Remote, progress: _Progress, stop: threading.Event) -> tuple[st
                         have, h = 0, hashlib.new(r.algo)
                     if total is None:
                         total = _length(resp, have)
+                        if total is None and r.require_length:
+                            raise FetchError(f"{r.url}: the server does not say the file's length "
+                                             f"(Content-Length) and no checksum is known: a cut "
+                                             f"download could not be told from the whole file")
                     with open(r.part, "ab" if have else "wb") as f:
                         while chunk := resp.read(CHUNK):
                             if stop.is_set():

@@ -41,7 +41,7 @@ from torch import nn
 from asc_dist import atomic
 from asc_dist.cli import command
 from asc_dist.errors import ConfigError
-from asc_dist.frontend import LogMel, clip_samples, fix_length
+from asc_dist.frontend import LogMel, clip_samples, fix_length, periodic_window, preemphasis
 from asc_dist.restore import restore
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,12 @@ def metadata(restored, files: dict[str, str], check: dict) -> dict:
                     "features(wave)": "standardised log-mel [B, 1, n_mels, frames] (model.pt only)"},
         "front_end": {
             **OmegaConf.to_container(f, resolve=True),
-            "window": "hann (periodic)", "power": 2.0, "center": True, "pad_mode": "reflect",
+            "window": f"hann ({'periodic' if periodic_window(f) else 'symmetric'})",
+            "power": 2.0, "center": True, "pad_mode": "reflect",
             "log_formula": ("10*log10(max(power, 10**(floor_db/10))), reference 1.0"
                             if f.log == "db" else "ln(power + log_eps)")
-                           + "; last frames cropped to 'frames'",
+                           + ", then (x + log_offset) / log_divisor; last frames cropped to 'frames'"
+                           + ("; pre-emphasis first: one sample shorter" if preemphasis(f) else ""),
         },
         "standardization": {
             "formula": "(logmel - mean) / std per mel bin (std as applied: clamped at >= 0.01)",

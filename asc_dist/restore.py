@@ -24,11 +24,11 @@ from asc_dist.checkpoint import Checkpointer, CheckpointError
 from asc_dist.checkpoint import load as load_checkpoint
 from asc_dist.data.stats import load_or_compute_stats
 from asc_dist.frontend import Standardize
-from asc_dist.model import autocast, build_model, prepare_model
+from asc_dist.models import autocast, build_model, prepare_model
 
 # What the weights were trained with: changing any of these makes the model see other inputs.
 FROZEN_KEYS = ("features.", "num_classes", "model.name", "model.input_adapt", "model.resize",
-               "data.standardize")
+               "model.passt.", "data.standardize")
 
 
 def _frozen(cfg: Any) -> dict[str, Any]:

@@ -44,7 +44,15 @@ from asc_dist.frontend import Standardize
 from asc_dist.losses import build_loss
 from asc_dist.metrics import format_report
 from asc_dist.mixup import Mixup
-from asc_dist.model import autocast, build_model, prepare_model, pretrained_file
+from asc_dist.models import (
+    autocast,
+    build_model,
+    check_grad_checkpointing,
+    prepare_model,
+    pretrained_file,
+    set_grad_checkpointing,
+    use_generator,
+)
 from asc_dist.optim import build_optimizer, build_scheduler
 from asc_dist.progress import Progress
 from asc_dist.restore import eval_autocast, feature_standardizer, resolve_checkpoint
@@ -98,6 +106,7 @@ def preflight(cfg: DictConfig) -> None:
         resolve_checkpoint(cfg.train.init_from)
     else:
         pretrained_file(cfg.model)
+    check_grad_checkpointing(cfg)
     for teacher in cfg.distill.teachers:  # a typo in a path fails now, not after the data work
         resolve_checkpoint(teacher)
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
@@ -151,6 +160,8 @@ def build(cfg: DictConfig, env: dist.DistEnv, resuming: bool = False) -> Parts:
     model = build_model(cfg.model, len(classes), load_weights=init is None)
     if init is not None and not resuming:
         init.load_into(model, announce=env.is_main)
+    if cfg.train.grad_checkpointing:
+        set_grad_checkpointing(model)
     # every rank counts (a model that cannot take the configured input fails on all of them, not
     # on rank 0 alone while the others wait in DDP's first collective); rank 0 says it
     counts = log_complexity(cfg, model, announce=env.is_main)
@@ -344,6 +355,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
         stop = dist.StopSignal(env)
         mix_gen = torch.Generator(device=env.device)
         aug_gen = torch.Generator(device=env.device)
+        use_generator(dist.unwrap(p.model), aug_gen)  # PaSST's patchout and embedding offset
         loss_sum, since = torch.zeros((), device=env.device), start + 1
         step, report, preds, stopping = start, {}, None, False
         batches = epochs_from(p.train_src, start) if start < tc.max_iters else iter(())

@@ -128,7 +128,8 @@ def cli(capsys):
 # Under pytest-xdist (launch/test.sh: two workers, one file per worker at a time) the files with
 # the longest runs go first, so the suite does not end with one worker idle beside a long file.
 _LONG_FILES = ("test_slurm.py", "test_gpu_check.py", "test_train.py", "test_launch.py",
-               "test_table1.py", "test_bench.py", "test_offline_bundle.py", "test_distill.py")
+               "test_table1.py", "test_bench.py", "test_offline_bundle.py", "test_distill.py",
+               "test_passt.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -136,6 +136,19 @@ def test_persisted_cache_is_reused_and_rebuilt_when_stale_or_corrupt(packed_shar
     other = cfg_for(shards, "torch", "features.n_mels=32")
     assert cache_path(other, "test", "torch", torch.device("cpu")) != path
 
+    # a cache made before today's feature keys existed (its settings lack them, so its name has
+    # another hash): built once more under the new name, and the log says why
+    state = torch.load(path, weights_only=True)
+    for key in ("preemphasis", "window", "log_offset", "log_divisor"):
+        del state["features_settings"][key]
+    torch.save(state, path.with_name("features-0123456789ab-torch-cpu.pt"))
+    path.unlink()
+    with source(cfg, "test", train=False) as c:
+        assert torch.equal(c.table.features, ref)
+    assert ("features-0123456789ab-torch-cpu.pt was made before the feature keys log_divisor, "
+            "log_offset, preemphasis, window existed") in capsys.readouterr().err
+    assert path.is_file()
+
 
 def test_split_that_does_not_fit_falls_back_to_streaming(packed_shards, capsys):
     cfg = cfg_for(packed_shards, "torch", "data.cache=auto", "data.cache_max_gb=0.0001")

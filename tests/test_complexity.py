@@ -14,7 +14,7 @@ from torch import nn
 
 from asc_dist import complexity, config
 from asc_dist.complexity import count
-from asc_dist.model import MODELS, CPMobile, build_model, make_divisible
+from asc_dist.models import MODELS, CPMobile, build_model, make_divisible
 
 # README.md table of the reference: module -> (params, MACs); each Conv2dNormActivation is one row
 # (conv + BN), the head's conv and BN are rows of their own.

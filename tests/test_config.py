@@ -154,15 +154,16 @@ def test_experiment_yamls_state_only_what_differs_from_the_defaults():
 def test_model_names_come_from_the_models_registry():
     """Config accepts any model.name string (it imports no torch); the registry refuses unknown
     ones before any process group, listing the known names, prefixed families included."""
-    from asc_dist import model
+    from asc_dist import models
 
     cfg = config.load(["model.name=resnet51"])  # the config layer does not know the models
     with pytest.raises(ConfigError, match=r"model\.name='resnet51': unknown model; known: .*resnet50"):
-        model.check_model(cfg.model)
-    for name in model.MODELS:  # today's names, also those in saved checkpoints
-        model.check_model(config.load([f"model.name={name}", "model.pretrained=none"]).model)
+        models.check_model(cfg.model)
+    for name in models.MODELS:  # today's names, also those in saved checkpoints
+        mels = ["features.n_mels=128"] if name == "passt" else []  # PaSST's 128-bin embedding
+        models.check_model(config.load([f"model.name={name}", "model.pretrained=none", *mels]).model)
     with pytest.raises(ConfigError, match="no ImageNet weights for model.name=seresnet50"):
-        model.check_model(config.load(["model.name=seresnet50"]).model)
+        models.check_model(config.load(["model.name=seresnet50"]).model)
 
 
 def test_shipped_configs_are_found_from_any_directory(tmp_path, monkeypatch):

@@ -408,7 +408,7 @@ def test_the_dcase2025_recipes_derive_the_published_run_lengths(clips):
     epochs, warm-up 2000 and 200 steps below the run, fp16 test; every member of a set is the
     61,148-parameter, 29,419,156-MAC CP-Mobile."""
     from asc_dist import complexity
-    from asc_dist.model import build_model
+    from asc_dist.models import build_model
 
     general = config.load(RECIPE25)
     t = general.train

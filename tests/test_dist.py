@@ -110,7 +110,7 @@ STEPS = 4
 
 
 class Tiny(nn.Module):
-    """A model class of our own, as asc_dist.model's are: dynamo compiles frames of user code,
+    """A model class of our own, as asc_dist.models' are: dynamo compiles frames of user code,
     while a bare torch.nn.Sequential under DDP is left to run eagerly (torch.nn is in its skip
     files), which would make the comparison below vacuous."""
 

@@ -70,7 +70,7 @@ def direct_logits(checkpoint: Path, waves: list[np.ndarray]) -> tuple[torch.Tens
     """The checkpoint's model applied clip by clip, without the evaluation code (CPU, float32)."""
     from asc_dist.config import from_dict
     from asc_dist.frontend import LogMel, Standardize, fix_length
-    from asc_dist.model import build_model
+    from asc_dist.models import build_model
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = from_dict(state["config"])

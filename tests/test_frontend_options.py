@@ -1,4 +1,4 @@
-"""Front-end options (mel_scale, mel_norm, log): torch LogMel vs torchaudio (the DCASE 2024 task 1
+"""Front-end options (mel_scale, mel_norm, log, PaSST's): torch LogMel vs torchaudio (the DCASE 2024 task 1
 baseline's front end) vs DALI's graph, for each combination; defaults unchanged."""
 
 from __future__ import annotations
@@ -142,6 +142,11 @@ COMBOS = [pytest.param(SMALL, [f"features.mel_scale={s}", f"features.mel_norm={n
           for s in ("slaney", "htk") for n in ("slaney", "none") for lg in ("db", "ln")]
 COMBOS.append(pytest.param(DCASE24, [], id="dcase24-htk-none-ln"))
 COMBOS.append(pytest.param(DCASE24, ["features.log=db"], id="dcase24-htk-none-db"))
+# PaSST's options on a DALI-made mel (its Kaldi mel: tests/test_passt.py): pre-emphasis (16,000
+# samples -> 15,999 -> 40 frames), the symmetric window, the affine map after the log
+COMBOS.append(pytest.param(SMALL, ["features.preemphasis=0.97", "features.window=symmetric",
+                                   "features.log=ln", "features.log_offset=4.5",
+                                   "features.log_divisor=5"], id="small-slaney-ln-passt-options"))
 # Measured max |DALI - torch| (float32, CPU): db 1.2e-3..1.9e-3 dB, ln 5e-5..4.2e-4, both at bins
 # 60-80 dB below a pure tone, where float32 FFT rounding dominates (each backend is as far from a
 # float64 computation as from the other); within 40 dB of the peak <= 3.2e-4 dB.
@@ -179,7 +184,8 @@ def test_frames_past_the_clip_are_silence(log):
 def test_settings_hash_and_bad_option():
     h = F.settings_hash(features(SMALL))
     for extra in ("features.mel_scale=htk", "features.mel_norm=none", "features.log=ln",
-                  "features.log_eps=1e-6"):
+                  "features.log_eps=1e-6", "features.preemphasis=0.97", "features.window=symmetric",
+                  "features.log_offset=4.5", "features.log_divisor=5"):
         assert F.settings_hash(features(SMALL, extra)) != h
     f_bad = OmegaConf.create({**OmegaConf.to_container(features(SMALL)), "mel_scale": "mel"})
     with pytest.raises(ValueError, match="features.mel_scale='mel'"):

@@ -232,7 +232,7 @@ def test_resnet50_step_is_a_handful_of_multi_tensor_ops():
     """On a GPU every aten op is a kernel launch: the package's per-tensor loop issues ~1,900
     per step for ResNet-50's 161 parameter tensors; ours <= 100 (14 without weight decay)."""
     from asc_dist.config import ModelConfig
-    from asc_dist.model import build_model
+    from asc_dist.models import build_model
 
     model = build_model(ModelConfig(name="resnet50", pretrained="none"), 10)
     params = list(model.parameters())

@@ -12,7 +12,7 @@ from conftest import make_shards
 
 from asc_dist import complexity, config, train
 from asc_dist.errors import ConfigError
-from asc_dist.model import build_model, check_model
+from asc_dist.models import build_model, check_model
 
 RECIPE = ["conf/data/tau2022.yaml", "conf/experiment/dcase2024_baseline.yaml"]
 

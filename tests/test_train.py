@@ -303,7 +303,7 @@ def test_resume_with_another_batch_size_warns_that_the_data_order_changes(packed
 def test_pretrained_weights_are_loaded_and_said_so(packed_shards, tmp_path, cli):
     """model.pretrained=<file>: the INFO line names the file and what was loaded."""
     from asc_dist import config as config_lib
-    from asc_dist.model import build_model
+    from asc_dist.models import build_model
 
     weights = tmp_path / "weights.pt"
     cfg = config_lib.load(["conf/smoke.yaml"])

@@ -9,6 +9,7 @@ the refusing cases use the real names. Both go through the same checking code.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 
 import pytest
@@ -18,7 +19,7 @@ from asc_dist import datasets as D
 from asc_dist import weights as W
 from asc_dist.config import ModelConfig
 from asc_dist.errors import ConfigError
-from asc_dist.model import imagenet_weights_file, pretrained_file
+from asc_dist.models import imagenet_weights_file, pretrained_file
 
 PROG = "asc_dist.weights"
 
@@ -123,3 +124,98 @@ def test_trainer_names_the_fetch_command(torch_home):
     msg = str(e.value)
     assert "python -m asc_dist.weights fetch resnet50`" in msg and "--from FILE" in msg
     assert str(imagenet_weights_file("resnet50")) in msg and f"TORCH_HOME={torch_home}" in msg
+
+
+# -- the weights registry: PaSST's AudioSet file (no published checksum or size) ------------------
+
+PASST = "passt-audioset"
+
+
+def _passt(torch_home):
+    """(its file name, where it goes, the model config that loads it)."""
+    from asc_dist.models.hub import PUBLISHED, hub_file
+
+    return PUBLISHED[PASST].file_name, hub_file(PASST), ModelConfig(name="passt", pretrained=PASST)
+
+
+def test_passt_first_download_records_its_sha256_then_fetches_and_loads_check_it(torch_home, capsys):
+    """The first download must reach the server's Content-Length (a cut one resumes) and records
+    size and sha256; a later fetch and every load check the file against that record."""
+    from asc_dist.models.hub import record_path
+
+    name, dest, cfg = _passt(torch_home)
+    blob = random.Random(1).randbytes(300_000)
+    with Server() as server:
+        server.files[name] = blob
+        server.drop[name] = 120_000
+        assert W.main(["fetch", PASST, "--mirror", server.url]) == 0
+        assert server.ranges[name] == [None, "bytes=120000-"]  # short of Content-Length: resumed
+        assert dest.read_bytes() == blob
+        record = json.loads(record_path(dest).read_text())
+        assert record == {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+                          "url": server.url + name, "how": "first download, length checked"}
+        assert pretrained_file(cfg) == dest
+        server.reset()
+        assert W.main(["fetch", PASST, "--mirror", server.url]) == 0
+        assert not server.ranges  # present and matching its record: nothing downloaded
+        # same-size damage: loads refuse; a fetch brings the recorded file back
+        dest.write_bytes(bytes([blob[0] ^ 1]) + blob[1:])
+        with pytest.raises(ConfigError, match=r"is not the file recorded when it was fetched "
+                                              rf"\({len(blob)} bytes, sha256 {record['sha256']}"):
+            pretrained_file(cfg)
+        assert W.main(["fetch", PASST, "--mirror", server.url]) == 0
+        assert dest.read_bytes() == blob and server.ranges[name] == [None]
+        # the server now serves another file: held to the record, refused, nothing kept
+        server.files[name] = blob[::-1]
+        dest.unlink()
+        capsys.readouterr()
+        assert W.main(["fetch", PASST, "--mirror", server.url]) == 2
+        assert f"expected {record['sha256']}" in error_line(capsys, PROG) and not dest.exists()
+
+
+def test_passt_pins_unrecorded_files_and_servers_without_a_length(tmp_path, torch_home, capsys):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    from asc_dist.models.hub import read_record
+
+    name, dest, cfg = _passt(torch_home)
+    blob = random.Random(2).randbytes(50_000)
+    with Server() as server:  # --sha256 pins the hash: another file is refused
+        server.files[name] = blob
+        assert W.main(["fetch", PASST, "--mirror", server.url, "--sha256", "0" * 64]) == 2
+    assert f"expected {'0' * 64}" in error_line(capsys, PROG) and not dest.exists()
+
+    class NoLength(BaseHTTPRequestHandler):  # the whole file, then the connection closes
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(blob)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NoLength)
+    Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        assert W.main(["fetch", PASST, "--mirror", url]) == 2  # nothing to tell a cut download by
+        assert "does not say the file's length" in error_line(capsys, PROG)
+        assert W.main(["fetch", PASST, "--mirror", url, "--sha256",
+                       hashlib.sha256(blob).hexdigest()]) == 0  # a known hash: it can
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert read_record(dest)["how"] == "--sha256" and pretrained_file(cfg) == dest
+    # a file put there by hand, without a record: loads and fetches say what to run
+    dest.unlink()
+    dest.with_name(dest.name + ".sha256.json").unlink()
+    dest.write_bytes(blob)
+    with pytest.raises(ConfigError, match=r"has no record of its sha256.*--sha256 HEX"):
+        pretrained_file(cfg)
+    assert W.main(["fetch", PASST, "--mirror", closed_port_url()]) == 2
+    assert "without a record of its sha256" in error_line(capsys, PROG)
+    src = tmp_path / "brought.pt"
+    src.write_bytes(blob)
+    assert W.main(["fetch", PASST, "--from", str(src)]) == 0  # taken as given, and recorded
+    assert read_record(dest)["how"] == "--from FILE, as given" and pretrained_file(cfg) == dest

@@ -83,7 +83,7 @@ def _mfu(ck, clips_per_s: float, flops: float) -> float | None:
 
 def _our_model(ck):
     from asc_dist import config
-    from asc_dist.model import build_model, prepare_model
+    from asc_dist.models import build_model, prepare_model
 
     cfg = config.load([*ck.features, ck.model, "model.pretrained=none"], world_size=1)
     shape = (1, cfg.features.n_mels, cfg.features.frames)
@@ -94,7 +94,7 @@ def _our_model(ck):
 def model_only(ck, v: Variant) -> dict:
     """Our model + loss + AdaBound on one resident batch: the ceiling any data path can reach."""
     from asc_dist.losses import build_loss
-    from asc_dist.model import autocast
+    from asc_dist.models import autocast
     from asc_dist.optim import build_optimizer
 
     cfg, shape, model = _our_model(ck)

@@ -11,7 +11,9 @@ rank then holds all of its features and labels as one tensor on its device:
   same tensor on every rank. Rank 0 persists it beside the shards as
   ``<split>/features-<settings hash>-<backend>-<device type>.pt``, keyed by the feature settings
   and the split's manifest digest and checked by a checksum, written atomically; a later run
-  (every Table I row and seed) loads it in seconds. A stale or corrupt file is rebuilt.
+  (every Table I row and seed) loads it in seconds. A stale or corrupt file is rebuilt. New
+  feature keys change the settings hash, so a cache made before they existed is built once more
+  under the new name, and the log says so.
   The build reads through the streaming source, so every member is checked against its digest
   (``data.verify``) before its features enter the table; a table built with ``data.verify=false``
   is marked so and rebuilt (checked) by the next run that verifies.
@@ -115,6 +117,26 @@ def save_table(path: Path, table: FeatureTable, cfg: Any, digest: str, backend: 
         log.warning("cannot persist the feature cache at %s (%s); it is rebuilt next run", path, e)
 
 
+def older_version(path: Path, cfg: Any) -> tuple[Path, list[str]] | None:
+    """A cache beside ``path`` (same split, backend, device) whose settings are this run's but for
+    feature keys a later version added, and those keys: it is rebuilt once under the new
+    settings hash. Read lazily (mmap): only its settings are looked at."""
+    ours = settings(cfg.features)
+    for other in sorted(path.parent.glob("features-*-" + path.name.split("-", 2)[2])):
+        if other == path:
+            continue
+        try:
+            theirs = torch.load(other, map_location="cpu", weights_only=True, mmap=True)[
+                "features_settings"]
+        except Exception as e:  # noqa: BLE001 - damaged or foreign: not an older version of ours
+            log.debug("feature cache %s: unreadable settings (%s)", other, type(e).__name__)
+            continue
+        added = sorted(set(ours) - set(theirs))
+        if added and set(theirs) <= set(ours) and all(ours[k] == v for k, v in theirs.items()):
+            return other, added
+    return None
+
+
 def build_table(stream: BatchSource, progress: bool) -> FeatureTable:
     """Run this rank's evaluation share of ``stream`` once, then all-gather the shares."""
     feats, labels, keys = [], [], []
@@ -145,6 +167,12 @@ def load_or_build(stream: BatchSource, progress: bool = True) -> FeatureTable:
     table = load_table(path, cfg, digest, device)
     if not dist.any_rank(table is None, device):
         return table
+    older = older_version(path, cfg) if stream.rank == 0 and not path.is_file() else None
+    if older is not None:
+        log.info("feature cache %s was made before the feature keys %s existed (its settings are "
+                 "otherwise these): building it once more as %s (the old file stays for older "
+                 "versions; delete it once none reads these shards)", older[0],
+                 ", ".join(older[1]), path.name)
     table = build_table(stream, progress)
     if stream.rank == 0:
         # an old pack (no digests) checks nothing: its table must not pass for a checked one

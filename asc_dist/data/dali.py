@@ -2,10 +2,14 @@
 
 readers.webdataset (tars + their index files from the manifest; shard_id/num_shards split the
 samples into contiguous ranges, pad_last_batch) -> decoders.audio (CPU; FLOAT, downmix, resample
-to the feature rate) -> [GPU] fixed length -> spectrogram -> mel_filter_bank (``mel_scale``,
-``mel_norm`` as its mel_formula, normalize) -> to_decibels (``features.log=db``) or
-log(x + log_eps) (``ln``). With a CUDA training device the CPU only reads and decodes; without
-one the whole pipeline runs on the CPU (``device_id=None``). Every setting that differs from
+to the feature rate) -> [GPU] fixed length -> preemphasis_filter (``features.preemphasis``; its
+first output sample dropped, so the clip is one sample shorter as in asc_dist.frontend) ->
+spectrogram (the configured Hann window's values) -> mel_filter_bank (``mel_scale``, ``mel_norm``
+as its mel_formula, normalize) -> to_decibels (``features.log=db``) or log(x + log_eps) (``ln``)
+-> the affine map. DALI has no Kaldi filterbank: with ``mel_scale=kaldi`` the graph ends at the
+power spectrogram and LogMel.from_spectrogram (torch, on the training device) does the rest.
+With a CUDA training device the CPU only reads and decodes; without one the whole pipeline runs
+on the CPU (``device_id=None``). Every setting that differs from
 torchaudio/librosa defaults is pinned (see asc_dist.frontend), so both backends agree for every
 option: ~1e-4 dB near a clip's peak, < 0.002 dB (< 5e-4 in ln) in bins 60-80 dB below it, where
 float32 FFT rounding dominates (tests/test_frontend_options.py).
@@ -52,12 +56,43 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from asc_dist.data import Batch, BatchSource
 from asc_dist.data.manifest import DataError, check_member, diagnose
 from asc_dist.data.sharding import derive_seed, shard_range
-from asc_dist.frontend import clip_samples, hann_window, log_eps, log_zero, options
+from asc_dist.frontend import (
+    LogMel,
+    affine,
+    clip_samples,
+    hann_window,
+    log_eps,
+    log_zero,
+    options,
+    periodic_window,
+    preemphasis,
+    stft_frames,
+)
+
+
+def dali_computes_mel(cfg_features: Any) -> bool:
+    """False when DALI stops at the power spectrogram (mel_scale=kaldi: no such operator)."""
+    return options(cfg_features)[0] != "kaldi"
+
+
+def graph_shape(cfg_features: Any) -> tuple[int, int, int]:
+    """What :func:`logmel_graph` gives per clip: [1, n_mels, frames], or [1, n_fft/2 + 1, STFT
+    frames] when torch finishes the features (:func:`torch_tail`)."""
+    f = cfg_features
+    if dali_computes_mel(f):
+        return 1, int(f.n_mels), int(f.frames)
+    return 1, int(f.n_fft) // 2 + 1, stft_frames(f)
+
+
+def torch_tail(cfg_features: Any) -> LogMel | None:
+    """What finishes the graph's output in torch (LogMel.from_spectrogram), or None."""
+    return None if dali_computes_mel(cfg_features) else LogMel(cfg_features)
 
 
 def logmel_graph(encoded, cfg_features: Any, gpu: bool):
     """Encoded audio bytes (a DataNode) -> [1, n_mels, frames] float log mel power, as LogMel
-    computes it for every ``mel_scale`` / ``mel_norm`` / ``log`` option."""
+    computes it for every ``mel_scale`` / ``mel_norm`` / ``log`` option (mel_scale=kaldi: the
+    power spectrogram, see :func:`graph_shape`)."""
     f = cfg_features
     mel_scale, mel_norm, log = options(f)
     audio, _ = fn.decoders.audio(encoded, dtype=types.FLOAT, downmix=True,
@@ -65,15 +100,22 @@ def logmel_graph(encoded, cfg_features: Any, gpu: bool):
     if gpu:  # the CPU threads only read and decode; everything after runs on the device
         audio = audio.gpu()
     # Pad/crop inside the pipeline: a truncated WAV decodes (silently) short.
-    audio = fn.slice(audio, start=[0], shape=[clip_samples(f)], axes=[0],
+    n = clip_samples(f)
+    audio = fn.slice(audio, start=[0], shape=[n], axes=[0],
                      out_of_bounds_policy="pad", fill_values=0.0)
+    c = preemphasis(f)
+    if c > 0:  # out[t] = x[t] - c x[t-1]; PaSST's y[n] = x[n+1] - c x[n] is out[1:]
+        audio = fn.preemphasis_filter(audio, preemph_coeff=c, border="zero")
+        audio = fn.slice(audio, start=[1], shape=[n - 1], axes=[0])
     # Time-major ("tf") spectrogram + mel measured ~20% faster on CPU than the default "ft";
     # one small transpose at the end restores [n_mels, frames].
     spec = fn.spectrogram(audio, nfft=int(f.n_fft), window_length=int(f.win_length),
                           window_step=int(f.hop_length), power=2, center_windows=True,
                           reflect_padding=True, layout="tf",
                           # DALI's built-in Hann differs from torch's by ~0.02 dB
-                          window_fn=hann_window(int(f.win_length)).tolist())
+                          window_fn=hann_window(int(f.win_length), periodic_window(f)).tolist())
+    if not dali_computes_mel(f):
+        return fn.expand_dims(fn.transpose(spec, perm=[1, 0]), axes=[0])
     # DALI builds the triangles as torchaudio does (in Hz between mel-spaced edges) for both
     # formulas; the weights agree to float32 rounding (~3e-5 relative), normalised or not.
     mel = fn.mel_filter_bank(spec, sample_rate=float(f.sample_rate),  # default would be 44.1 kHz
@@ -83,6 +125,9 @@ def logmel_graph(encoded, cfg_features: Any, gpu: bool):
         out = dmath.log(mel + log_eps(f))
     else:  # reference=1.0: without it DALI scales by each clip's own maximum.
         out = fn.to_decibels(mel, multiplier=10.0, reference=1.0, cutoff_db=float(f.floor_db))
+    offset, divisor = affine(f)
+    if offset != 0.0 or divisor != 1.0:
+        out = (out + offset) / divisor
     out = fn.slice(out, start=[0], shape=[int(f.frames)], axes=[0], out_of_bounds_policy="pad",
                    fill_values=log_zero(f))
     out = fn.transpose(out, perm=[1, 0])
@@ -151,6 +196,8 @@ class DaliSource(BatchSource):
         self.device_id = (self.device.index if self.device.index is not None
                           else torch.cuda.current_device()) if self.gpu else None
         self._copy_stream = torch.cuda.Stream(self.device) if self.gpu else None
+        tail = torch_tail(cfg.features)
+        self.tail = tail.to(self.device) if tail is not None else None
         self.threads = self.num_threads
         self.prefetch = int(cfg.data.prefetch)
         self.buffer = int(cfg.data.shuffle_buffer)
@@ -267,7 +314,7 @@ class DaliSource(BatchSource):
         """One Batch from the pipeline's outputs (+ the raw audio with data.verify), the row its
         first sample has in the rank's share and the share's size; checked before it is returned."""
         *raw, first_row, count = rest
-        shape = (self.batch_size, 1, int(self.cfg.features.n_mels), int(self.cfg.features.frames))
+        shape = (self.batch_size, *graph_shape(self.cfg.features))
         valid = np.arange(first_row, first_row + self.batch_size) < count
         labels32 = np.asarray(labels.as_tensor()).reshape(-1)
         info = np.array(info.as_array())
@@ -288,6 +335,9 @@ class DaliSource(BatchSource):
                 feed_ndarray(feats.as_tensor(), out)
         finally:
             _checked(checks)  # nothing unchecked leaves here; DALI's buffers are free again after
+        if self.tail is not None:
+            with torch.no_grad():
+                out = self.tail.from_spectrogram(out[:, 0])
         lab = labels32.astype(np.int64)
         lab[~valid] = -1
         return Batch(features=out, labels=torch.from_numpy(lab).to(self.device, non_blocking=True),
@@ -358,7 +408,8 @@ def _shutdown(pipe: Pipeline) -> None:
 
 
 def logmel_for_file(path: str | Path, cfg_features: Any) -> np.ndarray:
-    """[1, n_mels, frames] for one audio file through the same DALI graph (CPU)."""
+    """[1, n_mels, frames] for one audio file through the same DALI graph (CPU), finished by
+    :func:`torch_tail` where DALI stops at the spectrogram."""
     data = np.fromfile(path, dtype=np.uint8)
     pipe = Pipeline(batch_size=1, num_threads=1, device_id=None, seed=0)
     with pipe:
@@ -370,4 +421,9 @@ def logmel_for_file(path: str | Path, cfg_features: Any) -> np.ndarray:
         (out,) = pipe.run()
     except Exception as e:  # noqa: BLE001 - DALI raises plain RuntimeErrors
         raise ValueError(f"DALI cannot decode {path}: {_first_line(e)}") from None
-    return np.array(out[0], dtype=np.float32)
+    result = np.array(out[0], dtype=np.float32)
+    tail = torch_tail(cfg_features)
+    if tail is not None:
+        with torch.no_grad():
+            result = tail.from_spectrogram(torch.from_numpy(result))[0].numpy()
+    return result
