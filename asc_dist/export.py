@@ -318,7 +318,8 @@ def _dcase2025(args) -> int:
 
     if not args.label:
         raise ConfigError("--dcase2025 needs --label (the submission label, e.g. Lastname_INST_task1)")
-    model = load_model_or_set(args.checkpoint, device="cpu")
+    overrides = [f"train.eval_precision={args.precision}"] if args.precision else []
+    model = load_model_or_set(args.checkpoint, overrides=overrides, device="cpu")
     meta = write_package(model, args.dcase2025, args.label, args.index, overwrite=args.overwrite,
                          atol=args.atol)
     print(json.dumps({"package": str(args.dcase2025), "module": f"{meta['label']}_{meta['index']}",
@@ -342,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                         " asc_dist/submission.py)")
     p.add_argument("--label", help="--dcase2025: the submission label, e.g. Lastname_INST_task1")
     p.add_argument("--index", type=int, default=1, help="--dcase2025: the module number 1-4 (default 1)")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default=None,
+                   help="--dcase2025: the networks' precision (default: the model's "
+                        "train.eval_precision; the DCASE baselines' packages run fp16)")
     p.add_argument("--format", choices=["both", "torchscript", "export"], default="both",
                    help="both (default; a format that cannot be built is skipped with a warning), "
                         "or only one (then it must succeed)")

@@ -9,11 +9,13 @@ once; one general model trained on it and one device set fine-tuned from it, sha
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -517,3 +519,145 @@ def test_config_errors_name_the_key_before_any_training(dev, tmp_path, cli):
     assert r.returncode == 2 and "optim.lrr" in r.stderr and not (tmp_path / "x").exists()
     r = cli(devices.main, ["finetune", str(dev.general), "--out", str(tmp_path / "x"), "notakey"])
     assert r.returncode == 2 and "'notakey': expected a YAML file or key=value" in r.stderr, r
+
+
+# --------------------------------------------------------------------------- the DCASE 2025 package
+
+
+LABEL = "Doe_ACME_task1"
+
+
+@pytest.fixture(scope="module")
+def package(dev) -> SimpleNamespace:
+    """The set exported as module 1 (fp32) and module 2 (fp16), installed as pip installs it,
+    imported with asc_dist made unimportable."""
+    from asc_dist import export
+
+    out = dev.base / "package"
+    for index, precision in ((1, "fp32"), (2, "fp16")):
+        assert export.main([str(dev.devset), "--dcase2025", str(out), "--label", LABEL, "--index",
+                            str(index), "--precision", precision]) == 0
+    target = dev.base / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--no-compile", "--target", str(target), str(out)],
+                   check=True, capture_output=True, timeout=300)
+    saved = {k: v for k, v in sys.modules.items() if k == "asc_dist" or k.startswith("asc_dist.")}
+    sys.modules["asc_dist"] = None  # any import of asc_dist from the package fails
+    sys.path.insert(0, str(target))
+    try:
+        mods = [importlib.import_module(f"{LABEL}.{LABEL}_{i}") for i in (1, 2)]
+        runner = importlib.import_module(f"{LABEL}.run")
+    finally:
+        sys.path.remove(str(target))
+        del sys.modules["asc_dist"]
+        sys.modules.update(saved)
+    return SimpleNamespace(out=out, site=target, fp32=mods[0], fp16=mods[1], runner=runner)
+
+
+def _wav(path: Path, sr: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(1.2 * sr)) / sr
+    x = 0.2 * np.sin(2 * np.pi * (300 + 200 * seed) * t) + 0.05 * rng.standard_normal(t.size)
+    sf.write(path, np.stack([x, 0.7 * x], axis=1), sr, subtype="PCM_24")
+    return path
+
+
+def test_the_package_predicts_what_asc_dist_predicts_routed_by_device(dev, package, tmp_path, cli):
+    """WAVs at 32, 44.1 and 48 kHz (resampled to the model's 16 kHz), devices with a model and
+    without: the package's probabilities equal asc_dist.predict's on the same set."""
+    files = [_wav(tmp_path / f"x-paris-1-{i}-0-{d}.wav", sr, i)
+             for i, (sr, d) in enumerate([(32000, "a"), (44100, "s1"), (48000, "s4"), (44100, "b")])]
+    ids = [f.stem.rsplit("-", 1)[1] for f in files]
+    logits, classes = package.fp32.predict([str(f) for f in files], ids, use_cuda=False)
+    assert classes == devices.load_set(dev.devset).classes  # the training order
+    r = cli(predict.main, [str(dev.devset), *map(str, files), "--out", str(tmp_path / "p.tsv"),
+                           "--scores", "--workers", "0", "--quiet"])
+    assert r.returncode == 0, r
+    want = read_tsv_probs(tmp_path / "p.tsv")
+    for f, row in zip(files, logits):
+        np.testing.assert_allclose(torch.softmax(row, -1).numpy(), want[str(f)], atol=1e-3)
+    model = package.fp32.load_model()
+    assert package.fp32.get_model_for_device(model, "s4") is model.general  # no model: general
+    assert package.fp32.get_model_for_device(model, "s1") is model.device_models["s1"]
+    assert package.fp32.get_model_for_device(model, "unknown") is model.general
+    # the same file as device b and as an unknown id: b's own model vs the general model
+    (as_b,), _ = package.fp32.predict([str(files[0])], ["b"], use_cuda=False)
+    (as_x,), _ = package.fp32.predict([str(files[0])], ["zz"], use_cuda=False)
+    x = package.fp32.load_inputs([str(files[0])], ["b"], model)[0]
+    assert x.shape == (1, 1, 64, 32) and x.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.allclose(as_b, model.device_models["b"](x)[0], atol=1e-5)
+        assert torch.allclose(as_x, model.general(x)[0], atol=1e-5)
+    assert not torch.allclose(as_b, as_x)
+
+
+def test_the_package_ships_its_files_complexity_and_a_runner_writing_output_csv(dev, package, tmp_path):
+    pkg = package.out / LABEL
+    assert sorted(p.name for p in pkg.glob(f"{LABEL}_*.py")) == [f"{LABEL}_1.py", f"{LABEL}_2.py"]
+    assert (package.out / "requirements.txt").read_text().split() == ["torch", "numpy", "soundfile", "soxr"]
+    assert 'python_requires=">=3.11"' in (package.out / "setup.py").read_text()
+    runtime = (pkg / "_runtime.py").read_text()
+    assert "asc_dist" not in runtime.split('"""', 2)[2]  # the code, past the docstring
+    c = json.loads((pkg / "resources" / f"{LABEL}_1" / "complexity.json").read_text())
+    assert c["devices"]["s1"]["model"] == "s1" and c["devices"]["s7"]["model"] == "general"
+    assert c["max_MACs"] == c["devices"]["a"]["MACs"] == 10_520_854 and c["max_Params"] == 4 * 116_118
+    assert json.loads((pkg / "resources" / f"{LABEL}_2" / "complexity.json").read_text())["max_Params"] == 2 * 116_118
+    test = dev.data / "evaluation_setup" / "fold1_evaluate.csv"
+    listed = tmp_path / "fold1_test.csv"  # the evaluation sets' layout: filename + device_id
+    rows = [r.split("\t")[0] for r in test.read_text().splitlines()[1:]]
+    listed.write_text("filename\tdevice_id\n" + "".join(f"{r}\t{r[:-4].rsplit('-', 1)[1]}\n" for r in rows))
+    out = tmp_path / "predictions"
+    assert package.runner.main(["--submission", f"{LABEL}_1", "--list", str(listed), "--root",
+                                str(dev.data), "--out", str(out)]) == 0
+    with open(out / "output.csv", newline="") as f:
+        table = list(csv.reader(f, delimiter="\t"))
+    classes = devices.load_set(dev.devset).classes
+    assert table[0] == ["filename", "scene_label", *classes]
+    assert [r[0] for r in table[1:]] == rows and all(r[1] in classes for r in table[1:])
+    assert all(abs(sum(map(float, r[2:])) - 1) < 1e-4 for r in table[1:])
+    assert (out / "complexity.json").is_file()
+
+
+def test_fp16_package_gives_the_fp32_labels_on_the_test_clips(dev, package):
+    test = dev.data / "evaluation_setup" / "fold1_evaluate.csv"
+    names = [r.split("\t")[0] for r in test.read_text().splitlines()[1:]]
+    files = [str(dev.data / n) for n in names]
+    ids = [n[:-4].rsplit("-", 1)[1] for n in names]
+    full, _ = package.fp32.predict(files, ids, use_cuda=False)
+    half, _ = package.fp16.predict(files, ids, use_cuda=False)
+    model = package.fp16.load_model()
+    assert next(model.general.parameters()).dtype == torch.float16
+    assert package.fp16.load_inputs(files[:1], ids[:1], model)[0].dtype == torch.float16
+    assert len(files) == 30
+    assert [int(a.argmax()) for a in full] == [int(b.argmax()) for b in half]
+    assert max(float((a - b.float()).abs().max()) for a, b in zip(full, half)) > 0  # fp16 for real
+
+
+def test_package_export_refuses_what_it_cannot_write(dev, package, tmp_path, cli):
+    from asc_dist import export
+
+    base = [str(dev.devset), "--dcase2025"]
+    r = cli(export.main, [*base, str(package.out), "--label", LABEL])
+    assert r.returncode == 2 and f"already holds {LABEL}_1" in r.stderr, r
+    r = cli(export.main, [*base, str(tmp_path / "p"), "--label", "acme"])
+    assert r.returncode == 2 and "Lastname_INSTITUTION_task1" in r.stderr, r
+    r = cli(export.main, [*base, str(tmp_path / "p"), "--label", LABEL, "--index", "5"])
+    assert r.returncode == 2 and "--index 5" in r.stderr, r
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("mine")
+    r = cli(export.main, [*base, str(tmp_path / "other"), "--label", LABEL])
+    assert r.returncode == 2 and "is not the package" in r.stderr, r
+    assert (tmp_path / "other" / "x.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("rates", [(44100, 32000), (48000, 16000), (16000, 44100)])
+def test_the_packages_own_resampler_equals_torchaudios(rates):
+    import torchaudio.functional
+
+    from asc_dist.submission_runtime import resample_sinc
+
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal(rates[0] // 3).astype(np.float32))
+    want = torchaudio.functional.resample(x, *rates)
+    got = resample_sinc(x, *rates)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) < 1e-5
