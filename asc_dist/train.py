@@ -55,7 +55,13 @@ from asc_dist.models import (
 )
 from asc_dist.optim import build_optimizer, build_scheduler
 from asc_dist.progress import Progress
-from asc_dist.restore import eval_autocast, feature_standardizer, resolve_checkpoint
+from asc_dist.restore import (
+    checkpoint_config,
+    eval_autocast,
+    feature_standardizer,
+    frozen_differences,
+    resolve_checkpoint,
+)
 from asc_dist.runlock import RunLock
 from asc_dist.tracking import Tracker, check_credentials, read_metrics
 from asc_dist.validate import evaluate, sample_groups, write_report
@@ -98,10 +104,10 @@ class Parts:
 
 def preflight(cfg: DictConfig) -> None:
     """What can fail before any process group starts: shards, weights, W&B, a live run."""
-    for split in (cfg.data.train_split, cfg.data.test_split):
-        if split is not None:  # data.test_split=null: no test split
-            load_split(cfg.data.shards, split)
+    # an unknown data.devices entry fails here, naming the devices the split has
     load_split(cfg.data.shards, cfg.data.train_split).device_ids(cfg.data.devices)
+    if cfg.data.test_split is not None:  # data.test_split=null: no test split
+        load_split(cfg.data.shards, cfg.data.test_split)
     if cfg.train.init_from is not None:
         resolve_checkpoint(cfg.train.init_from)
     else:
@@ -195,8 +201,6 @@ class InitFrom:
     front end, architecture or classes are not this run's."""
 
     def __init__(self, cfg: DictConfig, classes: list[str]):
-        from asc_dist.restore import checkpoint_config, frozen_differences
-
         self.path = resolve_checkpoint(cfg.train.init_from)
         self.state = load_checkpoint(self.path)
         self.sha256 = file_sha256(self.path)
@@ -349,6 +353,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
                             enabled=env.is_main)
         evaluates = p.test_src is not None
         groups = sample_groups(cfg, cfg.data.test_split) if evaluates else None
+        known = train_devices(p.train_src)  # the report's known vs unknown devices
         if not evaluates and env.is_main:
             log.info("data.test_split=null: no test split, so no evaluation; the checkpoints are "
                      "this run's result (score or predict them with asc_dist.evaluate/predict)")
@@ -386,8 +391,7 @@ def train(cfg: DictConfig, env: dist.DistEnv) -> dict:
                 if evaluates and (step % tc.eval_every == 0 or step == tc.max_iters):
                     report, preds = evaluate(p.model, p.test_src, p.standardize, groups,
                                              p.eval_autocast, keep=step == tc.max_iters,
-                                             half=tc.eval_precision == "fp16",
-                                             known=train_devices(p.train_src))
+                                             half=tc.eval_precision == "fp16", known=known)
                     tracker.log_eval(step, report, p.classes)
                     is_best, best = report["classwise_accuracy"] > best, max(best, report["classwise_accuracy"])
                     log.info(f"step {step}: class-wise accuracy {report['classwise_accuracy']:.4f} "
@@ -493,7 +497,8 @@ def resolve_epochs(cfg: DictConfig, world_size: int) -> DictConfig:
                           f"{n} clips{chosen}, fewer than one global batch ({cfg.train.global_batch})")
     iters = cfg.train.epochs * steps
     if dist.env_rank() == 0:
-        last = "" if cfg.train.drop_last else ", the last one partial where N is not a multiple"
+        r = n % cfg.train.global_batch
+        last = f", the last one of {r} clips" if r and not cfg.train.drop_last else ""
         log.info(f"train.epochs={cfg.train.epochs} x {steps} steps per epoch ({n} clips{chosen}, "
                  f"global batch {cfg.train.global_batch}{last}) = {iters} iterations")
     resolved = OmegaConf.merge(cfg, {"train": {"max_iters": iters}})

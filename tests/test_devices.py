@@ -369,6 +369,39 @@ def test_predict_split_names_clips_by_file_and_routes_by_their_devices(dev, tmp_
         np.testing.assert_allclose(got[name[key]], p, atol=2e-6)
 
 
+def test_predict_split_of_an_evaluation_set_routes_by_its_listed_device_ids(dev, tmp_path, cli):
+    """An evaluation set as DCASE 2025 ships it (anonymous names, fold1_test.csv with device_id,
+    no labels), packed and predicted: the listed ids route the clips, not the names."""
+    from asc_dist import pack
+
+    root = tmp_path / "eval"
+    (root / "audio").mkdir(parents=True)
+    (root / "evaluation_setup").mkdir()
+    test = sorted(p for p in (dev.data / "audio").iterdir() if p.name.endswith(("-s1.wav", "-s4.wav")))[:4]
+    listed = {}
+    for i, f in enumerate(test):
+        shutil.copyfile(f, root / "audio" / f"{i}.wav")
+        listed[f"audio/{i}.wav"] = "b" if i % 2 else "s7"  # b has a model, s7 none
+    (root / "evaluation_setup" / "fold1_test.csv").write_text(
+        "filename\tdevice_id\n" + "".join(f"{k}\t{v}\n" for k, v in listed.items()))
+    out = tmp_path / "shards"
+    pack.pack(root, out, sample_rate=16000, classes=str(dev.shards / "train" / "manifest.json"),
+              workers=1, progress=False, verbose=False)
+    r = cli(predict.main, [str(dev.devset), "--split", str(out / "eval"), "--out",
+                           str(tmp_path / "p.tsv"), "--scores", "--quiet"])
+    assert r.returncode == 0, r
+    assert "2 clip(s) of devices without a model of their own (s7: 2)" in r.stderr
+    got = read_tsv_probs(tmp_path / "p.tsv")
+    assert sorted(got) == sorted(listed)
+    dset = devices.load_set(dev.devset)
+    items = [predict.Item(root / k, k) for k in sorted(listed)]
+    for name, model in (("b", dset.members["b"]), ("s7", dset.general)):
+        chosen = [it for it in items if listed[it.name] == name]
+        probs, _ = predict.predict_files(model, chosen, workers=0, progress=False)
+        for i, it in enumerate(chosen):
+            np.testing.assert_allclose(got[it.name], probs[i].numpy(), atol=2e-6)
+
+
 def _evaluated(dev, tmp_path: Path, cli, *extra: str) -> Path:
     out = tmp_path / ("eval" + "".join(extra).replace("-", ""))
     r = cli(evaluate.main, [str(dev.devset), "--split", str(dev.shards / "test"), "--out", str(out),
