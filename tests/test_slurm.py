@@ -482,3 +482,35 @@ def test_pack_array_job_packs_one_split_per_task(slurm, synth_dataset, packed_sh
     assert "--splits train" in (tmp_path / "pack-0.out").read_text()
     assert "--splits test" in (tmp_path / "pack-1.out").read_text()
     assert manifests(tmp_path / "out") == manifests(packed_shards)  # same bytes as a local pack
+
+
+@pytest.mark.slow
+def test_device_array_tasks_then_the_assembly_after_them(slurm, tmp_path):
+    """slurm/devices.sh: one array task per training device (finetune --array-task under
+    train.sbatch), then the assembly (afterok on the whole array) writes devices.json."""
+    from conftest import make_shards
+
+    from asc_dist import synth, train
+
+    data = synth.generate(tmp_path / "tau", clips_per_class=4, duration=1.0, sample_rate=16000,
+                          channels=1, devices=["a", "b"], progress=False)
+    shards = make_shards(tmp_path, dataset=data)
+    general = tmp_path / "general"
+    common = [f"data.shards={shards}", "data.backend=torch", "train.device=cpu", "train.eval_every=2"]
+    assert train.main([*SMOKE, *common, f"run_dir={general}", "train.max_iters=2"]) == 0
+    env = job_env(slurm, tmp_path, ASC_NPROC_PER_NODE="1",
+                  ASC_SBATCH_ARGS=f"--output={tmp_path}/%x-%A_%a.out",
+                  ASC_TRAIN_SBATCH_ARGS="--cpus-per-task=1")
+    devset = tmp_path / "devset"
+    p = subprocess.run(["bash", "slurm/devices.sh", str(general), "--out", str(devset),
+                        "--devices", "a,b", *SMOKE, *common, "train.max_iters=2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr
+    array, assemble = map(int, p.stdout.split())
+    assert slurm.job(assemble)["Dependency"].startswith(f"afterok:{array}")
+    for task, device in enumerate(("a", "b")):
+        finished(slurm, f"{array}_{task}", tmp_path / f"devset-devices-{array}_{task}.out")
+        assert ckpt(devset / device)["config"]["data"]["devices"] == [device]
+    finished(slurm, assemble, tmp_path / f"devset-assemble-{assemble}_4294967294.out", timeout=120)
+    record = json.loads((devset / "devices.json").read_text())
+    assert list(record["members"]) == ["a", "b"] and record["general"]["checkpoint"] == "general.pt"
