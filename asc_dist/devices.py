@@ -392,7 +392,7 @@ def finetune(general: str | Path, out: str | Path, args: Sequence[str] = (), *,
         if dist.env_rank() != 0:  # every rank finds the same problem: rank 0 says it once
             return EXIT_ERROR
         raise
-    env = dist.init(base.train.device)
+    env = dist.init(next(iter(cfgs.values())).train.device)  # the overrides' train.device too
     try:
         for device, cfg in cfgs.items():
             if _finished(cfg):
