@@ -466,3 +466,30 @@ def test_torch_training_reads_on_across_epochs_with_one_loader(packed_shards):
         assert starts[-1] == (1, 1)
     finally:
         src.close()
+
+
+@needs_dali
+@pytest.mark.parametrize("prefetch, batch", [(2, 2), (3, 8)])
+def test_dali_runs_exactly_the_iterations_an_epoch_uses(packed_shards, monkeypatch, prefetch,
+                                                        batch):
+    """The first schedule_run queues the prefetch depth, each later one one more: an epoch of S
+    steps schedules S iterations (not S + 1 that nobody reads), an epoch shorter than the
+    prefetch a queue no deeper than the epoch."""
+    from nvidia.dali.pipeline import Pipeline
+
+    calls: dict[int, int] = {}
+    real = Pipeline.schedule_run
+
+    def counted(pipe):
+        calls[id(pipe)] = calls.get(id(pipe), 0) + 1
+        return real(pipe)
+
+    monkeypatch.setattr(Pipeline, "schedule_run", counted)
+    for split, train in (("train", True), ("test", False)):
+        calls.clear()
+        with source(packed_shards, "dali", split, train=train, batch=batch,
+                    extra=(f"data.prefetch={prefetch}",)) as src:
+            assert len(list(src.epoch(0))) == src.steps_per_epoch
+        depth = min(prefetch, src.steps_per_epoch)
+        epoch0 = next(iter(calls.values()))  # the first pipeline built (then epoch 1's, ahead)
+        assert depth + epoch0 - 1 == src.steps_per_epoch, (split, src.steps_per_epoch, calls)

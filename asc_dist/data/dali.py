@@ -237,7 +237,7 @@ class DaliSource(BatchSource):
         # exec_dynamic=False: the classic pipelined executor measured ~1.3x faster on this
         # CPU-bound graph than 2.x's default dynamic one (BENCHMARKS.md).
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.threads,
-                        device_id=self.device_id, seed=seed, prefetch_queue_depth=self.prefetch,
+                        device_id=self.device_id, seed=seed, prefetch_queue_depth=self._depth,
                         exec_dynamic=False)
         with pipe:
             wav, label = fn.readers.webdataset(
@@ -259,6 +259,11 @@ class DaliSource(BatchSource):
             _shutdown(pipe)
             raise self._data_error(e, shard_id, "building the pipeline") from None
         return pipe
+
+    @property
+    def _depth(self) -> int:
+        """The prefetch queue: never deeper than the epoch, whose iterations are all it runs."""
+        return max(1, min(self.prefetch, self.steps_per_epoch))
 
     def _pipeline(self, epoch: int) -> Pipeline:
         """The epoch's pipeline: the one prebuilt in the background if it is this epoch's."""
@@ -340,9 +345,15 @@ class DaliSource(BatchSource):
                 out = self.tail.from_spectrogram(out[:, 0])
         lab = labels32.astype(np.int64)
         lab[~valid] = -1
-        return Batch(features=out, labels=torch.from_numpy(lab).to(self.device, non_blocking=True),
-                     keys=_Keys(info, valid),
-                     valid=torch.from_numpy(valid).to(self.device, non_blocking=True))
+        return Batch(features=out, labels=self._to_device(lab), keys=_Keys(info, valid),
+                     valid=self._to_device(valid))
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        """A small host array on the training device. On a GPU through pinned memory: a copy
+        from pageable memory with non_blocking is staged and waited for; from pinned memory it is
+        only queued (the pinned allocator keeps the block until the copy has run)."""
+        t = torch.from_numpy(a)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.gpu else t
 
     def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
         if start_step >= self.steps_per_epoch:
@@ -366,9 +377,12 @@ class DaliSource(BatchSource):
             _shutdown(pipe)
 
     def _run(self, pipe: Pipeline, shard_id: int, step: int, epoch: int):
-        # run() = schedule_run() + outputs(); the build scheduled step 0's (with the prefetch)
+        # The build scheduled iterations 0 .. depth-1; each later step schedules the one `depth`
+        # ahead while it is still part of the epoch: steps_per_epoch iterations in all, not one
+        # more that nobody reads (a b256 epoch of 10 steps would do 10 % extra work, and the
+        # pipeline's shutdown would wait for it).
         try:
-            if step > 0:
+            if step > 0 and step + self._depth <= self.steps_per_epoch:
                 pipe.schedule_run()
             return pipe.outputs()
         except Exception as e:  # noqa: BLE001 - DALI raises plain RuntimeErrors
