@@ -33,6 +33,7 @@ evaluation devices, clips without one) is scored by the general model (:class:`R
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -275,17 +276,12 @@ class DeviceSet:
     def router(self, half: bool | None = None) -> RoutedModel:
         """The models behind one forward (float16 copies when ``half``, default: as configured)."""
         half = self.half if half is None else half
-        pick = (lambda m: _half_copy(m)) if half else (lambda m: m)
+        pick = _half_copy if half else (lambda m: m)
         return RoutedModel(pick(self.general.model), self.general.standardize,
                            {d: (pick(r.model), r.standardize) for d, r in self.members.items()}).eval()
 
-    def model_for(self, device_id: str | None) -> Restored:
-        return self.members.get(device_id, self.general) if device_id is not None else self.general
-
 
 def _half_copy(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).half()
 
 
