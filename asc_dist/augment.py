@@ -9,8 +9,9 @@ What and where (the trainer's order; mixup itself lives in :mod:`asc_dist.mixup`
 
 * Time roll: every clip is rolled circularly along time (the last dim, as ``torch.roll``) by its
   own integer shift drawn uniformly in ``[-S, S]``, ``S = round(roll_seconds * sample_rate /
-  hop_length)`` frames. The DCASE 2024 baseline rolls the *waveform* by up to 0.1 s; features
-  here are cached log-mels, so whole frames are rolled instead (a shift resolution of one hop).
+  hop_length)`` frames (:func:`asc_dist.wave_augment.time_roll`). The published recipes roll the
+  *waveform*: under ``data.cache=waveform`` the waveform cache does that, by samples, and this
+  roll is off; with cached log-mels whole frames are rolled (a shift resolution of one hop).
 * Frequency / time masks (SpecAugment; torchaudio's ``FrequencyMasking(width, iid_masks=True)``
   / ``TimeMasking``, i.e. ``torchaudio.functional.mask_along_axis_iid``): per clip (and channel)
   and per mask ``value = rand * width``, ``start = rand * (size - value)``, and the band is
@@ -54,12 +55,9 @@ import torch
 
 from asc_dist.frontend import feature_value, log_zero
 from asc_dist.mixup import sample_beta
+from asc_dist.wave_augment import gen_device, time_roll
 
 MASK_AT = ("mel_power", "log_mel", "input")
-
-
-def _gen_device(generator: torch.Generator | None, x: torch.Tensor) -> torch.device:
-    return generator.device if generator is not None else x.device
 
 
 def roll_frames(roll_seconds: float, sample_rate: int, hop_length: int) -> int:
@@ -75,23 +73,6 @@ def mask_fill_value(mask_at: str, cfg_features) -> float:
     if mask_at == "mel_power":
         return log_zero(cfg_features)
     return feature_value(cfg_features, 0.0) if mask_at == "log_mel" else 0.0
-
-
-def time_roll(x: torch.Tensor, max_shift: int, generator: torch.Generator | None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Roll each clip of ``x [B, ..., T]`` along the last dim by its own shift in
-    ``[-max_shift, max_shift]`` (``out[b, ..., t] = x[b, ..., (t - shift[b]) mod T]``, as
-    ``torch.roll``). Returns ``(out, shifts [B])``; ``max_shift <= 0`` returns ``(x, None)``
-    and draws nothing."""
-    if max_shift <= 0:
-        return x, None
-    b, t = x.shape[0], x.shape[-1]
-    shifts = torch.randint(-max_shift, max_shift + 1, (b,), generator=generator,
-                           device=_gen_device(generator, x))
-    s = shifts.to(x.device)
-    idx = torch.remainder(torch.arange(t, device=x.device).unsqueeze(0) - s.unsqueeze(1), t)
-    idx = idx.view(b, *([1] * (x.dim() - 2)), t).expand_as(x)
-    return x.gather(-1, idx), shifts
 
 
 def draw_bands(lead_shape: torch.Size, size: int, width: int, count: int,
@@ -146,13 +127,15 @@ class Augment:
     :class:`asc_dist.mixup.Mixup`); both calls then return ``x`` and draw nothing.
     """
 
-    def __init__(self, cfg_augment, cfg_features):
+    def __init__(self, cfg_augment, cfg_features, roll_frames_here: bool = True):
         a, f = cfg_augment, cfg_features
         self.mask_at = str(a.mask_at)
         self.fill = mask_fill_value(self.mask_at, f)
         if not a.roll_seconds >= 0:
             raise ValueError(f"augment.roll_seconds={a.roll_seconds}: must be >= 0")
-        self.max_shift = roll_frames(a.roll_seconds, int(f.sample_rate), int(f.hop_length))
+        # roll_frames_here=False: the waveform cache rolls the waveform by samples instead
+        self.max_shift = (roll_frames(a.roll_seconds, int(f.sample_rate), int(f.hop_length))
+                          if roll_frames_here else 0)
         for name in ("freq_mask", "time_mask"):
             m = getattr(a, name)
             if m.count < 0 or m.width < 0:
@@ -172,8 +155,9 @@ class Augment:
 
     @classmethod
     def from_config(cls, cfg) -> Augment:
-        """From the whole run config (``cfg.augment``, ``cfg.features``)."""
-        return cls(cfg.augment, cfg.features)
+        """From the whole run config (``cfg.augment``, ``cfg.features``; under
+        ``data.cache=waveform`` the roll is the waveform cache's, by samples)."""
+        return cls(cfg.augment, cfg.features, roll_frames_here=cfg.data.cache != "waveform")
 
     @property
     def masks_on(self) -> bool:
@@ -199,7 +183,7 @@ class Augment:
         """Frequency then time masks (per clip and channel), filled with ``self.fill``."""
         if not self.masks_on:
             return x
-        gd = _gen_device(generator, x)
+        gd = gen_device(generator, x)
         lead, (f, t) = x.shape[:-2], x.shape[-2:]
         fm = draw_bands(lead, f, self.freq_width, self.freq_count, generator, gd, x.device)
         tm = draw_bands(lead, t, self.time_width, self.time_count, generator, gd, x.device)
@@ -216,7 +200,7 @@ class Augment:
         Branch-free (see the module doc): ``last_mixed`` is a bool tensor on x's device."""
         if self.mix_p <= 0:
             return x
-        gd = _gen_device(generator, x)
+        gd = gen_device(generator, x)
         u = torch.rand((), generator=generator, device=gd)
         b = x.shape[0]
         lam = sample_beta(self.mix_alpha, b, generator, gd)

@@ -117,8 +117,11 @@ class DataConfig:
     shuffle_buffer: int = positive(256)  # streaming training: samples mixed within a rank's share
     prefetch: int = positive(2)  # batches prepared ahead
     # device: compute each clip's features once and keep the split on the training device (host
-    # memory on CPU); auto: the same when the split fits in cache_max_gb, else stream; none: stream
-    cache: Literal["device", "auto", "none"] = "auto"
+    # memory on CPU); auto: the same when the split fits in cache_max_gb, else stream; none: stream;
+    # waveform: keep the training clips' waveforms on the device and run the front end per batch
+    # there (what augment.dir, augment.mel_band and the roll by samples need; refused with the
+    # numbers when it does not fit the device's free memory; evaluation as auto)
+    cache: Literal["device", "auto", "none", "waveform"] = "auto"
     cache_max_gb: float = positive(4.0)
     # Per-mel-bin standardisation from the training split only; stats file lives beside the shards.
     standardize: bool = True
@@ -202,10 +205,32 @@ class MaskConfig:
 
 
 @dataclass
+class DirConfig:
+    """Device impulse responses (CP-JKU's DIR): training clips convolved with a random one,
+    on the waveform (data.cache=waveform), with no level change."""
+
+    path: str | None = None  # a folder of impulse responses (.wav, any rate; e.g. MicIRP's)
+    p: float = 0.0  # probability per clip; 0 = off
+    devices: list[str] = field(default_factory=list)  # only clips of these devices; empty = all
+
+
+@dataclass
+class MelBandConfig:
+    """PaSST's random mel band in training (data.cache=waveform, features.mel_scale=kaldi): per
+    batch f_min + randint(fmin_range) and f_max + fmax_range // 2 - randint(fmax_range) Hz
+    (AugmentMelSTFT's fmin_aug_range / fmax_aug_range); 0 or 1 = fixed."""
+
+    fmin_range: int = non_negative(0)
+    fmax_range: int = non_negative(0)
+
+
+@dataclass
 class AugmentConfig:
     """In-batch augmentations on the training device, seeded per step (resumable).
 
-    Order: time roll -> masks -> standardise -> Frequency-MixStyle -> mixup -> model.
+    Order: [data.cache=waveform: impulse responses -> roll by samples -> front end with a random
+    band] -> time roll (by frames, other caches) -> masks -> standardise -> Frequency-MixStyle ->
+    mixup -> model.
     """
 
     mixup: MixupConfig = field(default_factory=MixupConfig)
@@ -216,8 +241,11 @@ class AugmentConfig:
     # reads as log of zero), log_mel (0 on the log-mel, before the affine map and
     # standardisation: PaSST's masks, reading (0 + 4.5) / 5) or input (0 on the network's input).
     mask_at: Literal["mel_power", "log_mel", "input"] = "mel_power"
-    # Roll each clip along time by a uniform integer shift in [-s, s] seconds (in frames); 0 = off.
+    # Roll each clip along time by a uniform integer shift in [-s, s] seconds: in samples of the
+    # waveform under data.cache=waveform, in whole frames of the log-mel otherwise; 0 = off.
     roll_seconds: float = non_negative(0.0)
+    dir: DirConfig = field(default_factory=DirConfig)
+    mel_band: MelBandConfig = field(default_factory=MelBandConfig)
 
 
 @dataclass
@@ -250,6 +278,18 @@ class ComplexityConfig:
 
 
 @dataclass
+class EpochRampConfig:
+    """optim.schedule=exp_warmup_linear_down (CP-JKU's helpers/lr_schedule.py), in epochs of the
+    training split: exp(-5 (1 - e/warmup)^2) for e < warmup (e clipped to >= 0.5), 1 until
+    rampdown_start, then linearly down to last_value over rampdown epochs, then last_value."""
+
+    warmup: int = non_negative(3)
+    rampdown_start: int = non_negative(3)
+    rampdown: int = positive(10)
+    last_value: float = non_negative(0.01)
+
+
+@dataclass
 class OptimConfig:
     name: Literal["adabound", "adam", "adamw", "sgd"] = "adabound"
     lr: float = positive(1e-3)
@@ -258,11 +298,13 @@ class OptimConfig:
     weight_decay: float = non_negative(0.0)
     momentum: float = 0.9  # sgd only
     # step: lr x decay_factor every decay_every iterations (the paper); cosine: half a cosine to 0
-    # at train.max_iters (transformers' get_cosine_schedule_with_warmup, the DCASE 2024 baseline)
-    schedule: Literal["step", "cosine"] = "step"
+    # at train.max_iters (transformers' get_cosine_schedule_with_warmup, the DCASE 2024 baseline);
+    # exp_warmup_linear_down: CP-JKU's per-epoch schedule (optim.ramp), held for each epoch
+    schedule: Literal["step", "cosine", "exp_warmup_linear_down"] = "step"
     decay_every: int = positive(200)
     decay_factor: float = positive(0.9)
     warmup_iters: int = non_negative(0)  # linear warm-up
+    ramp: EpochRampConfig = field(default_factory=EpochRampConfig)
 
 
 @dataclass
@@ -287,7 +329,7 @@ class TrainConfig:
     # false: keep an epoch's final partial batch (steps per epoch = ceil(N / global_batch), as a
     # DataLoader with drop_last=False); its clips are split over the ranks as evenly as possible and
     # each rank's loss weighted so the gradient is the mean over the clips in it. Not with DALI
-    # streaming (the feature cache or the torch backend).
+    # streaming (the feature or waveform cache, or the torch backend).
     drop_last: bool = True
     # A trained checkpoint (file or run dir) to start from: the whole model, head included, loaded
     # strictly; its front end, classes and architecture must be this run's (restore.FROZEN_KEYS),
@@ -389,6 +431,7 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
         if m.count > 0 and not 0 < m.width <= size:
             raise ConfigError(f"augment.{axis}.width={m.width}: must be in [1, {size}] when "
                               f"augment.{axis}.count={m.count}")
+    _check_waveform(cfg)
     d = cfg.distill
     if not d.weight <= 1:
         raise ConfigError(f"distill.weight={d.weight}: must be in [0, 1]")
@@ -414,6 +457,39 @@ def validate(cfg: DictConfig | Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.resize={list(cfg.model.resize)}: must be [height, width] > 0")
     if cfg.model.name == "passt":
         _check_passt(cfg)
+
+
+def _check_waveform(cfg: Any) -> None:
+    """What acts on the waveform needs the waveform cache; its settings must be possible."""
+    a, f = cfg.augment, cfg.features
+    wave_only = []
+    if a.dir.p > 0:
+        wave_only.append(f"augment.dir.p={a.dir.p}")
+    if a.mel_band.fmin_range > 1 or a.mel_band.fmax_range > 1:
+        wave_only.append(f"augment.mel_band ({a.mel_band.fmin_range}, {a.mel_band.fmax_range})")
+    if wave_only and cfg.data.cache != "waveform":
+        act, need = ("act", "they need") if len(wave_only) > 1 else ("acts", "it needs")
+        raise ConfigError(f"{' and '.join(wave_only)} {act} on the waveform, before the front "
+                          f"end: {need} data.cache=waveform (data.cache={cfg.data.cache} feeds "
+                          f"log-mels)")
+    if not 0 <= a.dir.p <= 1:
+        raise ConfigError(f"augment.dir.p={a.dir.p}: must be in [0, 1]")
+    if a.dir.p > 0 and not a.dir.path:
+        raise ConfigError(f"augment.dir.p={a.dir.p} needs augment.dir.path (a folder of impulse "
+                          f"responses)")
+    band = a.mel_band
+    if band.fmin_range > 1 or band.fmax_range > 1:
+        if f.mel_scale != "kaldi":
+            raise ConfigError(f"augment.mel_band: a random band needs features.mel_scale=kaldi "
+                              f"(PaSST's banks; this run has {f.mel_scale})")
+        top = f.f_max + max(band.fmax_range, 1) // 2
+        if top > f.sample_rate / 2:
+            raise ConfigError(f"augment.mel_band.fmax_range={band.fmax_range}: f_max reaches {top} "
+                              f"Hz, above Nyquist ({f.sample_rate / 2} Hz)")
+        if f.f_min + max(band.fmin_range, 1) - 1 >= top - max(band.fmax_range, 1) + 1:
+            raise ConfigError(f"augment.mel_band: f_min up to "
+                              f"{f.f_min + max(band.fmin_range, 1) - 1} Hz meets f_max down to "
+                              f"{top - max(band.fmax_range, 1) + 1} Hz")
 
 
 def _check_passt(cfg: Any) -> None:

@@ -130,6 +130,31 @@ def kaldi_mel_banks(cfg_features: Any) -> torch.Tensor:
     return nn.functional.pad(banks.float(), (0, 1))
 
 
+def kaldi_mel_banks_between(cfg_features: Any, f_min: torch.Tensor, f_max: torch.Tensor
+                            ) -> torch.Tensor:
+    """[n_fft/2 + 1, n_mels] (the projection's layout): :func:`kaldi_mel_banks` for the band
+    [f_min, f_max] given as 0-dim tensors, computed on their device from them, so a band drawn
+    there per batch (``augment.mel_band``) is never read by the host. The ops are torchaudio's
+    get_mel_banks' (VTLN off), in its dtypes: on the CPU the banks equal it bit for bit."""
+    f = cfg_features
+    n_mels, n_fft, sr = int(f.n_mels), int(f.n_fft), float(f.sample_rate)
+    device = f_min.device
+
+    def mel_of(hz: torch.Tensor) -> torch.Tensor:  # its mel_scale_scalar, in double
+        return 1127.0 * torch.log(1.0 + hz.double() / 700.0)
+
+    low = mel_of(f_min)
+    delta = ((mel_of(f_max) - low) / (n_mels + 1)).float()
+    low = low.float()
+    b = torch.arange(n_mels, device=device).unsqueeze(1)
+    left, center, right = b * delta + low, (b + 1.0) * delta + low, (b + 2.0) * delta + low
+    mel = (1127.0 * (1.0 + (sr / n_fft) * torch.arange(n_fft / 2, device=device) / 700.0).log()
+           ).unsqueeze(0)
+    up, down = (mel - left) / (center - left), (right - mel) / (right - center)
+    banks = torch.maximum(torch.zeros(1, device=device), torch.minimum(up, down))
+    return nn.functional.pad(banks, (0, 1)).T.contiguous()
+
+
 class LogMel(nn.Module):
     """wave [B, L] (or [L]) float -> [B, 1, n_mels, frames] float32 log mel power (dB or ln, per
     ``features.log``, then the affine map), on whatever device it lives."""
@@ -169,18 +194,25 @@ class LogMel(nn.Module):
             out = (out + self.offset) / self.divisor
         return out
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+    def forward(self, wave: torch.Tensor, banks: torch.Tensor | None = None) -> torch.Tensor:
+        """``banks`` [n_fft/2 + 1, n_mels]: another mel projection for this batch (a random
+        band, :func:`kaldi_mel_banks_between`); None: the configured one."""
         if wave.dim() == 1:
             wave = wave.unsqueeze(0)
         wave = fix_length(wave.float(), self.num_samples)
         if self.preemphasis > 0.0:
             wave = wave[..., 1:] - self.preemphasis * wave[..., :-1]
-        return self.from_spectrogram(self.mel.spectrogram(wave))
+        return self.from_spectrogram(self.mel.spectrogram(wave), banks)
 
-    def from_spectrogram(self, power: torch.Tensor) -> torch.Tensor:
+    def from_spectrogram(self, power: torch.Tensor, banks: torch.Tensor | None = None
+                         ) -> torch.Tensor:
         """Power spectrogram [B, n_fft/2 + 1, T] -> [B, 1, n_mels, frames] (mel, log, affine,
         frames cropped or padded with silence): what follows DALI's graph for mel_scale=kaldi."""
-        out = self.log(self.mel.mel_scale(power))
+        if banks is None:
+            mel = self.mel.mel_scale(power)
+        else:  # torchaudio's MelScale.forward with these weights
+            mel = torch.matmul(power.transpose(-1, -2), banks).transpose(-1, -2)
+        out = self.log(mel)
         t = out.shape[-1]
         if t > self.frames:
             out = out[..., : self.frames]

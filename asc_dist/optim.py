@@ -9,6 +9,12 @@ iteration and after a resume:
   written there): it / warmup_iters during the warm-up (0 at the first step), then
   0.5 * (1 + cos(pi * progress)) with progress = (it - warmup) / (max_iters - warmup): 0 at
   it = max_iters, so the last update (it = max_iters - 1) still takes a small step.
+* ``exp_warmup_linear_down`` (CP-JKU's PaSST teacher, cpjku_dcase23 helpers/lr_schedule.py):
+  a factor per *epoch* e = it // steps_per_epoch (their LambdaLR is stepped once per epoch by
+  Lightning, so every step of epoch e runs at factor(e)): exp(-5 (1 - e'/W)^2) with e' = e
+  clipped to [0.5, W] while e < W (epoch 0 thus starts at exp(-5 (1 - 0.5/W)^2), 0.031 for
+  W = 3, not exp(-5)), times 1 up to epoch S, then last + (1 - last) (R - e + S) / R while
+  e - S < R, then ``last`` (``optim.ramp``: W warmup, S rampdown_start, R rampdown).
 
 AdaBound (Luo et al.) clips Adam's per-element step size to [lower(t), upper(t)], bounds that
 both converge to final_lr * lr / base_lr; base_lr is the lr the optimiser was built with, so an
@@ -147,10 +153,28 @@ def cosine_factor(it: int, max_iters: int, warmup_iters: int = 0) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def exp_warmup_linear_down(epoch: int, warmup: int, rampdown_start: int, rampdown: int,
+                           last_value: float) -> float:
+    """CP-JKU's factor at ``epoch`` (0-based): their exp_rampup times their linear_rampdown."""
+    up = 1.0
+    if epoch < warmup:
+        phase = 1.0 - min(max(epoch, 0.5), warmup) / warmup
+        up = math.exp(-5.0 * phase * phase)
+    if epoch <= rampdown_start:
+        down = 1.0
+    elif epoch - rampdown_start < rampdown:
+        down = last_value + (1.0 - last_value) * (rampdown - epoch + rampdown_start) / rampdown
+    else:
+        down = last_value
+    return up * down
+
+
 def build_scheduler(cfg_optim: OptimConfig, optimizer: torch.optim.Optimizer,
-                    max_iters: int | None = None) -> LRScheduler:
+                    max_iters: int | None = None, steps_per_epoch: int | None = None
+                    ) -> LRScheduler:
     """Per-iteration schedule (``optim.schedule``). Call ``scheduler.step()`` after each
-    optimizer step; ``max_iters`` is the run's length (the cosine's end).
+    optimizer step; ``max_iters`` is the run's length (the cosine's end), ``steps_per_epoch``
+    the training split's (exp_warmup_linear_down's epochs).
 
     A LambdaLR over a plain function: its state_dict holds only counters (weights_only-safe),
     and the schedule itself always comes from the current config.
@@ -158,10 +182,16 @@ def build_scheduler(cfg_optim: OptimConfig, optimizer: torch.optim.Optimizer,
     o = cfg_optim
     if o.schedule == "cosine" and not max_iters:
         raise ValueError("optim.schedule=cosine needs the run's length (max_iters)")
+    if o.schedule == "exp_warmup_linear_down" and not steps_per_epoch:
+        raise ValueError("optim.schedule=exp_warmup_linear_down needs the steps per epoch")
 
     def factor(it: int) -> float:
         if o.schedule == "cosine":
             return cosine_factor(it, max_iters, o.warmup_iters)
+        if o.schedule == "exp_warmup_linear_down":
+            r = o.ramp
+            return exp_warmup_linear_down(it // steps_per_epoch, r.warmup, r.rampdown_start,
+                                          r.rampdown, r.last_value)
         return lr_factor(it, o.decay_every, o.decay_factor, o.warmup_iters)
 
     return LambdaLR(optimizer, factor)

@@ -38,6 +38,7 @@ from asc_dist.data import build_source
 from asc_dist.data.manifest import load_split
 from asc_dist.data.sharding import derive_seed, train_steps
 from asc_dist.data.stats import load_or_compute_stats
+from asc_dist.data.waveform import preflight as waveform_preflight
 from asc_dist.distill import TeacherTargets, kd_loss, targets_for_run, teacher_probs
 from asc_dist.errors import ConfigError, RunLockedError, TrainingDiverged, UserError
 from asc_dist.frontend import Standardize
@@ -105,7 +106,9 @@ class Parts:
 def preflight(cfg: DictConfig) -> None:
     """What can fail before any process group starts: shards, weights, W&B, a live run."""
     # an unknown data.devices entry fails here, naming the devices the split has
-    load_split(cfg.data.shards, cfg.data.train_split).device_ids(cfg.data.devices)
+    index = load_split(cfg.data.shards, cfg.data.train_split)
+    index.device_ids(cfg.data.devices)
+    waveform_preflight(cfg, index)  # augment.dir's folder
     if cfg.data.test_split is not None:  # data.test_split=null: no test split
         load_split(cfg.data.shards, cfg.data.test_split)
     if cfg.train.init_from is not None:
@@ -186,7 +189,8 @@ def build(cfg: DictConfig, env: dist.DistEnv, resuming: bool = False) -> Parts:
         augment=Augment.from_config(cfg),
         teacher=teacher,
         optimizer=optimizer,
-        scheduler=build_scheduler(cfg.optim, optimizer, cfg.train.max_iters),
+        scheduler=build_scheduler(cfg.optim, optimizer, cfg.train.max_iters,
+                                  steps_per_epoch=sources[0].steps_per_epoch),
         autocast=autocast(cfg.train.precision, env.device),
         eval_autocast=eval_autocast(cfg.train.eval_precision, cfg.train.precision, env.device),
         complexity=counts,

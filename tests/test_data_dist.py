@@ -1,5 +1,5 @@
-"""Real 2- and 3-process gloo runs (torchrun) over the batch sources: both streaming backends
-and the feature cache (built collectively by the ranks).
+"""Real 2- and 3-process gloo runs (torchrun) over the batch sources: both streaming backends,
+the feature cache and the waveform cache (both built collectively by the ranks).
 
 Each rank reads its training share for two epochs and the test split once, running one
 all_reduce per batch (a rank with fewer batches would hang, caught by the process-group
@@ -43,13 +43,16 @@ def _worker(shards: str, out: str, variants: list[str]) -> None:
             train = build_source(cfg, "train", train=True, rank=rank, world_size=world,
                                  device=torch.device("cpu"), batch_size=3, seed=7)
             for epoch in (0, 1):
-                keys = []
+                keys, labels, sums = [], [], []
                 for batch in train.epoch(epoch):
                     n = torch.tensor([batch.valid.sum().item()])
                     dist.all_reduce(n)  # lock-step: every rank must reach every batch
                     keys += batch.keys
+                    labels += batch.labels.tolist()
+                    sums += batch.features.double().sum(dim=(1, 2, 3)).tolist()
                 gathered = [None] * world
-                dist.all_gather_object(gathered, {"keys": keys, "steps": train.steps_per_epoch})
+                dist.all_gather_object(gathered, {"keys": keys, "steps": train.steps_per_epoch,
+                                                  "labels": labels, "sums": sums})
                 res[f"train{epoch}"] = gathered
             train.close()
             test = build_source(cfg, "test", train=False, rank=rank, world_size=world,
@@ -79,7 +82,8 @@ def _variants(world: int) -> list[str]:
         streams = ["torch:none", "dali:none"]
     except ImportError:
         streams = ["torch:none"]
-    return streams + ["torch:device"] if world == 2 else ["torch:device"]
+    # the waveform cache with 3 ranks: shares of unequal size gathered (2 ranks: test_passt.py)
+    return streams + ["torch:device"] if world == 2 else ["torch:device", "torch:waveform"]
 
 
 @pytest.mark.slow
@@ -98,6 +102,9 @@ def test_multi_process_gloo_shares(packed_shards, tmp_path, world):
         return [json.loads(line)["key"] for line in lines]
 
     train_keys, test_keys = set(keys("train")), keys("test")
+    label_of = {json.loads(line)["key"]: json.loads(line)["label"]
+                for line in (packed_shards / "train" / "samples.jsonl").read_text().splitlines()}
+    features_of = {}
     n = len(train_keys)
     steps = n // (3 * world)  # batch 3 per rank
     for variant in variants:
@@ -110,6 +117,12 @@ def test_multi_process_gloo_shares(packed_shards, tmp_path, world):
             flat = [k for g in ranks for k in g["keys"]]
             assert len(set(flat)) == len(flat) == 3 * world * steps  # disjoint, every step full
             assert set(flat) <= train_keys
+            assert [label_of[k] for k in flat] == [y for g in ranks for y in g["labels"]]
+            if variant in ("torch:device", "torch:waveform"):
+                # the waveform cache's rows were gathered in order: each key's features are the
+                # feature cache's (bit-identical on the CPU)
+                for k, v in zip(flat, [v for g in ranks for v in g["sums"]]):
+                    assert features_of.setdefault(k, v) == v, (variant, k)
             orders.append(flat)
         assert orders[0] != orders[1]
         flat = [k for ks in res["test"]["keys"] for k in ks]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_shards
 
-from asc_dist import distill, train
+from asc_dist import config, distill, train
 from asc_dist.data.manifest import load_split
 from asc_dist.mixup import Mixup
 
@@ -177,14 +178,23 @@ def test_distill_config_errors_name_the_key(tmp_path, cli):
 
 
 def test_bench_distill_reports_both_arms_with_table1_statistics(tmp_path, cli):
+    """The DCASE 2025 path: a tiny PaSST teacher through the waveform cache with made impulse
+    responses on device a's clips, its logits, cp_mobile students without/with KD."""
     from asc_dist import bench
 
     out = tmp_path / "kd"
     r = cli(bench.main, ["distill", out, "--seeds", "0,1", "--clips-per-class", "4",
-                         "--teacher-model", "dcase_baseline", "--teacher-iters", "4",
-                         "--student-iters", "4", "--batch", "8", "data.backend=torch"])
+                         "--teacher-model", "passt", "--passt-dims", "16,1,2", "--irs", "2",
+                         "--teacher-iters", "4", "--student-iters", "4", "--batch", "8",
+                         "data.backend=torch", "train.eval_precision=fp32"])
     assert r.returncode == 0, r
     res = json.loads((out / "results.json").read_text())
+    teacher = (out / "runs" / "teacher" / "config.yaml").read_text()
+    assert "cache: waveform" in teacher and "fmax_range: 1000" in teacher
+    made = sorted(p.name for p in (out / "data" / "irs").iterdir())
+    assert made == ["made_00.wav", "made_01.wav"]
+    assert "augment.dir: 2 impulse responses" in r.stderr and "p 0.6 on devices ['a']" in r.stderr
+    assert res["teacher_batch"] == 8 and res["recipes"]["student"][-1].endswith("general.yaml")
     for arm in ("student", "student_kd"):
         a = res["arms"][arm]
         assert a["n"] == 2 and len(a["accuracy"]) == 2 and a["ci95"][0] <= a["mean"] <= a["ci95"][1]
@@ -195,6 +205,33 @@ def test_bench_distill_reports_both_arms_with_table1_statistics(tmp_path, cli):
     assert "weight: 0.98" in kd_cfg and str(out / "runs" / "teacher") in kd_cfg
     assert list((out / "data" / "shards" / "train").glob("teacher-logits-*.pt"))
     assert "paired difference (with - without)" in (out / "summary.md").read_text()
+
+
+def test_bench_cost_per_step_compares_valid_configs_of_both_caches(tmp_path, monkeypatch):
+    """--cost-steps: each recipe once per cache, the feature cache's arm a config that loads
+    (the waveform-only augmentations off), the first log window left out of the mean."""
+    from asc_dist.bench import distill as bench_distill
+    from asc_dist.tracking import read_metrics
+
+    ran = []
+
+    def fake_train(args):
+        cfg = config.load(args)  # refused combinations would raise here
+        ran.append((cfg.data.cache, cfg.augment.dir.p, cfg.train.max_iters))
+        slow = 2.0 if cfg.data.cache == "waveform" else 1.0
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": 5 * i, "train/step_time": slow * (9 if i == 1 else 1)}) + "\n"
+                    for i in (1, 2, 3)))
+        return 0.0
+
+    monkeypatch.setattr(bench_distill, "_train", fake_train)
+    teacher = ["conf/data/tau2022.yaml", bench_distill.TEACHER, "augment.dir.path=irs"]
+    cost = bench_distill.cost_per_step(tmp_path, {"teacher": teacher}, 7)
+    assert ran == [("waveform", 0.6, 7), ("device", 0.0, 7)]
+    assert cost == {"teacher": {"waveform": 2.0, "device": 1.0, "ratio": 2.0}}
+    assert len(read_metrics(tmp_path / "cost-teacher-device" / "metrics.jsonl")) == 3
 
 
 @pytest.mark.slow

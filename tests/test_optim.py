@@ -15,6 +15,7 @@ from asc_dist.optim import (
     build_optimizer,
     build_scheduler,
     cosine_factor,
+    exp_warmup_linear_down,
     lr_factor,
 )
 
@@ -138,6 +139,31 @@ def test_cosine_with_warmup_is_the_published_schedule():
         build_scheduler(cfg, opt)
 
 
+def test_exp_warmup_linear_down_is_cpjkus_schedule_held_for_each_epoch():
+    """cpjku_dcase23 helpers/lr_schedule.py with the teacher's (3, 3, 10, 0.01), by its formula:
+    epoch 0 clipped to 0.5 (0.031, not exp(-5)), stepped once per epoch."""
+    want = [math.exp(-5 * (1 - 0.5 / 3) ** 2), math.exp(-5 * (2 / 3) ** 2),
+            math.exp(-5 * (1 / 3) ** 2), 1.0]
+    want += [0.01 + 0.99 * (10 - e + 3) / 10 for e in range(4, 13)] + [0.01] * 12
+    got = [exp_warmup_linear_down(e, 3, 3, 10, 0.01) for e in range(25)]
+    assert got == pytest.approx(want, rel=1e-15) and round(got[0], 4) == 0.031
+    assert got[4] == pytest.approx(0.901) and got[12] == pytest.approx(0.109)
+    assert exp_warmup_linear_down(0, 0, 0, 10, 0.01) == 1.0  # no warm-up
+    cfg = config.load(["conf/experiment/passt_teacher.yaml"]).optim
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer(cfg, [p])
+    assert type(opt) is torch.optim.Adam
+    sched = build_scheduler(cfg, opt, steps_per_epoch=3)
+    lrs = []
+    for _ in range(25 * 3):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-5 * g for g in got for _ in range(3)], rel=1e-12)
+    with pytest.raises(ValueError, match="steps per epoch"):
+        build_scheduler(cfg, opt)
+
+
 def test_adamw_decays_weights_apart_from_the_gradient():
     """AdamW's decoupled decay: with a zero gradient the weights shrink by lr * wd per step."""
     cfg = OptimConfig(name="adamw", lr=0.1, weight_decay=0.5)
@@ -149,13 +175,13 @@ def test_adamw_decays_weights_apart_from_the_gradient():
 
 
 @pytest.mark.parametrize("name,schedule", [("adabound", "step"), ("adam", "step"), ("sgd", "step"),
-                                           ("adamw", "cosine")])
+                                           ("adamw", "cosine"), ("adam", "exp_warmup_linear_down")])
 def test_resume_mid_run_equals_uninterrupted(name, schedule):
     cfg = OptimConfig(name=name, lr=1e-2, weight_decay=1e-4, decay_every=4, warmup_iters=3,
                       schedule=schedule)
     params, loss_fn = _problem(2)
     opt = build_optimizer(cfg, params)
-    sched = build_scheduler(cfg, opt, max_iters=12)
+    sched = build_scheduler(cfg, opt, max_iters=12, steps_per_epoch=2)
     _run(opt, params, loss_fn, 7, sched)
     buf = io.BytesIO()
     torch.save({"params": [p.detach() for p in params], "optim": opt.state_dict(),
@@ -169,7 +195,7 @@ def test_resume_mid_run_equals_uninterrupted(name, schedule):
         for p, saved in zip(params2, ckpt["params"]):
             p.copy_(saved)
     opt2 = build_optimizer(cfg, params2)  # rebuilt with the original lr, then loaded
-    sched2 = build_scheduler(cfg, opt2, max_iters=12)
+    sched2 = build_scheduler(cfg, opt2, max_iters=12, steps_per_epoch=2)
     opt2.load_state_dict(ckpt["optim"])
     sched2.load_state_dict(ckpt["sched"])
     resumed = _run(opt2, params2, loss_fn2, 5, sched2)

@@ -6,7 +6,8 @@ and resuming exactly, and `distill logits` with PaSST and cp_mobile teachers.
 The models here are tiny (embed_dim 16, depth 1, 2 heads) and run in fp32 on the CPU; only the
 weights-layout test builds the real architecture (85 M parameters, no training). The features of
 the training tests are PaSST's at 16 kHz (the fixture shards' rate): hop 160 keeps 100 frames per
-1-s clip and the 128 Kaldi bins end at 7,750 Hz.
+1-s clip and the 128 Kaldi bins end at 7,500 Hz in evaluation (8,000 - 1,000 / 2, as PaSST's rule
+for fmax_aug_range 1000 gives: the training band reaches Nyquist).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ TEACHER = "conf/experiment/passt_teacher.yaml"
 TINY = ["model.pretrained=none", "model.passt.embed_dim=16", "model.passt.depth=1",
         "model.passt.num_heads=2"]
 # PaSST's front end at the fixture shards' 16 kHz, with the smoke run's sizes
-AT_16K = ["features.sample_rate=16000", "features.hop_length=160", "features.f_max=7750"]
+AT_16K = ["features.sample_rate=16000", "features.hop_length=160", "features.f_max=7500"]
 RUN = ["conf/smoke.yaml", TEACHER, *AT_16K, *TINY, "data.backend=torch", "train.device=cpu",
        "train.epochs=0", "train.global_batch=4", "train.log_every=1", "optim.lr=1e-3"]
 
@@ -332,16 +333,23 @@ def _rank(rank: int, runs: list[tuple[int, list[str]]], out: str) -> None:
 def two_rank_runs(packed_shards, tmp_path_factory):
     """Two gloo ranks (spawned: one start for both runs): 4 steps straight through, and the same
     resumed from the first run's step-2 checkpoint. Every augmentation of the teacher recipe is
-    on (MixStyle, masks, roll), with structured patchout."""
+    on, through the waveform cache: impulse responses (made ones, on the fixture's device-a
+    clips), the roll by samples, the random mel band, masks, MixStyle and structured patchout."""
     from asc_dist.data import build_source
 
     tmp = tmp_path_factory.mktemp("passt_ddp")
+    irs = tmp / "irs"
+    irs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        sf.write(irs / f"ir{i}.wav", rng.standard_normal(80) * np.exp(-np.arange(80) / 10), 16000)
     base = [*RUN, f"data.shards={packed_shards}", "train.max_iters=4", "train.ckpt_every=2",
-            "train.eval_every=4", "model.passt.s_patchout_t=2"]
+            "train.eval_every=4", "model.passt.s_patchout_t=2", f"augment.dir.path={irs}"]
     cfg = config.load(base, world_size=1)
-    for split in ("train", "test"):  # the feature caches, here: ~10x cheaper than in fresh ranks
-        build_source(cfg, split, train=False, rank=0, world_size=1, device=torch.device("cpu"),
-                     batch_size=4, seed=0, cache="device").close()
+    # the test split's feature cache, here: ~10x cheaper than in fresh ranks (training decodes
+    # its waveforms in the ranks)
+    build_source(cfg, "test", train=False, rank=0, world_size=1, device=torch.device("cpu"),
+                 batch_size=4, seed=0, cache="device").close()
     straight, resumed = tmp / "straight", tmp / "resumed"
     runs = [(_free_port(), [*base, f"run_dir={straight}"]),
             (_free_port(), [*base, f"run_dir={resumed}",
@@ -360,6 +368,9 @@ def test_two_ranks_train_in_sync_and_resume_exactly(two_rank_runs):
     a = torch.load(straight / "checkpoints" / "step_4.pt", map_location="cpu", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "step_4.pt", map_location="cpu", weights_only=True)
     assert a["model_name"] == "passt" and a["config"]["model"]["passt"]["s_patchout_f"] == 6
+    c = a["config"]
+    assert (c["data"]["cache"], c["augment"]["dir"]["p"], c["augment"]["mel_band"]["fmax_range"],
+            c["optim"]["schedule"]) == ("waveform", 0.6, 1000, "exp_warmup_linear_down")
     start = torch.load(straight / "checkpoints" / "step_2.pt", map_location="cpu", weights_only=True)
     assert any(not torch.equal(start["model"][k], a["model"][k]) for k in a["model"])  # trained
     for k in a["model"]:
@@ -438,7 +449,8 @@ def test_passt_ddp_bf16_steps_never_wait_for_the_gpu(grad_checkpointing, monkeyp
             standardize=torch.nn.Identity(), model=ddp, loss_fn=build_loss(cfg.loss, 10).to(dev),
             mixup=Mixup.from_config(cfg.augment.mixup, 10), augment=Augment.from_config(cfg),
             teacher=None, optimizer=optimizer,
-            scheduler=build_scheduler(cfg.optim, optimizer, cfg.train.max_iters),
+            scheduler=build_scheduler(cfg.optim, optimizer, cfg.train.max_iters,
+                                      steps_per_epoch=4),
             autocast=autocast(cfg.train.precision, dev), complexity=None)
         mix_gen, aug_gen = torch.Generator(device=dev), torch.Generator(device=dev)
         use_generator(model, aug_gen)

@@ -11,7 +11,9 @@ full, except with ``train.drop_last`` off the final one of an epoch, which carri
 clip left gets one padding row (``valid=False``) of weight 0, so DDP still sees its backward.
 ``data.devices`` keeps the training epochs to the clips of those recording devices. Streaming
 backends decode and compute features as they go; the feature cache (``data.cache``,
-asc_dist.data.cache) computes them once and serves every epoch from the device. Evaluation
+asc_dist.data.cache) computes them once and serves every epoch from the device; the waveform
+cache (``data.cache=waveform``, asc_dist.data.waveform) keeps the training clips' waveforms
+there and runs the front end (and the waveform augmentations) per batch. Evaluation
 visits each sample once across ranks; every rank runs the same number of batches, with padding
 rows marked ``valid=False`` (label -1, key ""). Features are raw log-mel dB (not standardised).
 
@@ -180,7 +182,9 @@ def build_source(cfg: Any, split: str, *, train: bool, rank: int, world_size: in
 
     ``cache`` (default ``data.cache``): ``device`` keeps the split's features resident
     (asc_dist.data.cache; every rank must call this together while it is built), ``none``
-    streams, ``auto`` caches when the features fit in ``data.cache_max_gb``.
+    streams, ``auto`` caches when the features fit in ``data.cache_max_gb``, ``waveform`` keeps a
+    training split's waveforms resident and runs the front end per batch
+    (asc_dist.data.waveform; built collectively too), and is ``auto`` for evaluation sources.
     """
     seed = int(cfg.train.seed if seed is None else seed)
     backend = resolve_backend(cfg.data.backend, announce=rank == 0)
@@ -191,6 +195,12 @@ def build_source(cfg: Any, split: str, *, train: bool, rank: int, world_size: in
     else:
         from asc_dist.data.pytorch import TorchSource as Stream
     mode = cfg.data.cache if cache is None else cache
+    if mode == "waveform":
+        if train:
+            from asc_dist.data.waveform import WaveformSource
+
+            return WaveformSource(cfg, split, index=load_split(cfg.data.shards, split), **kw)
+        mode = "auto"  # evaluation (and what else reads features) computes them as ever
     if mode != "none":
         from asc_dist.data.cache import CachedSource, table_bytes
 

@@ -181,21 +181,16 @@ def load_or_build(stream: BatchSource, progress: bool = True) -> FeatureTable:
     return table
 
 
-class CachedSource(BatchSource):
-    """Batches from a :class:`FeatureTable` on the device (see the module doc)."""
+class ResidentSource(BatchSource):
+    """Epochs over clips resident on the device: the feature cache's and the waveform cache's
+    (asc_dist.data.waveform) shared plan. Training: :func:`global_plan` over the split (or
+    ``data.devices``' ids), a partial last batch with its weight (``train.drop_last=false``);
+    evaluation: the streaming sources' plan, padding rows marked invalid."""
 
-    cached = True
-
-    def __init__(self, cfg: Any, split: str, *, stream: BatchSource, progress: bool = True, **kw):
-        super().__init__(cfg, split, index=stream.index, **kw)
-        self.backend = f"{stream.backend}+cache"
-        try:
-            self.table = load_or_build(stream, progress=progress and self.rank == 0)
-        finally:
-            stream.close()
-        self._valid = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
-
-    def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
+    def _steps(self, epoch: int, start_step: int
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray, float]]:
+        """Per step from ``start_step``: (stored-order ids [B] on the device, valid [B] on the
+        device, the plan's row (-1 = padding), the loss weight)."""
         if self.train:
             plan = global_plan(self.num_samples, seed=self.seed, epoch=epoch, rank=self.rank,
                                world_size=self.world_size, batch_size=self.batch_size,
@@ -209,22 +204,41 @@ class CachedSource(BatchSource):
         # One host-to-device copy per epoch; a step is then an index_select on the device.
         on_device = torch.from_numpy(np.where(plan >= 0, plan, pad)).to(self.device)
         valid = torch.from_numpy(plan >= 0).to(self.device)
+        full = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
         for step in range(start_step, len(plan)):
             ids = on_device[step]
             row = plan[step]
             rows = int((row >= 0).sum())
             weight = 1.0
             if self.train:
-                ok = self._valid
+                ok = full
                 if self.remainder and step == len(plan) - 1:  # the partial last batch
                     # (train.drop_last=false): this rank's share of it, weighted
                     weight = self.step_weight(step, rows)
                     ids, ok = ids[:max(rows, 1)], valid[step, :max(rows, 1)]
             else:
                 ok = valid[step]
+            yield ids, ok, row[:len(ids)], weight
+
+
+class CachedSource(ResidentSource):
+    """Batches from a :class:`FeatureTable` on the device (see the module doc)."""
+
+    cached = True
+
+    def __init__(self, cfg: Any, split: str, *, stream: BatchSource, progress: bool = True, **kw):
+        super().__init__(cfg, split, index=stream.index, **kw)
+        self.backend = f"{stream.backend}+cache"
+        try:
+            self.table = load_or_build(stream, progress=progress and self.rank == 0)
+        finally:
+            stream.close()
+
+    def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
+        for ids, ok, row, weight in self._steps(epoch, start_step):
             labels = self.table.labels.index_select(0, ids)
             if not self.train:
                 labels = torch.where(ok, labels, -1)
-            keys = [self.table.keys[j] if j >= 0 else "" for j in row[:len(ids)].tolist()]
+            keys = [self.table.keys[j] if j >= 0 else "" for j in row.tolist()]
             yield Batch(features=self.table.features.index_select(0, ids), labels=labels,
                         keys=keys, valid=ok, weight=weight)

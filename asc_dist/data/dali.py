@@ -189,7 +189,8 @@ class DaliSource(BatchSource):
             what = (f"data.devices={list(cfg.data.devices)}" if self.ids is not None
                     else "train.drop_last=false")
             raise DataError(f"{what} cannot stream from DALI: use the feature cache "
-                            f"(data.cache=device) or the torch backend (data.backend=torch)")
+                            f"(data.cache=device), the waveform cache (data.cache=waveform) or "
+                            f"the torch backend (data.backend=torch)")
         self.gpu = self.device.type == "cuda"
         if self.gpu and not torch.cuda.is_available():
             raise DataError(f"device {self.device} requested but CUDA is not available")

@@ -219,12 +219,17 @@ def _shutdown_workers(it) -> None:
         shutdown()
 
 
+def worker_error(e: DataError) -> DataError:
+    """A DataError re-raised from a DataLoader worker: our message, without its traceback."""
+    return DataError(str(e).rsplit("DataError: ", 1)[-1].strip())
+
+
 def _unpack(source: TorchSource, it) -> Iterator[tuple]:
     try:
         for x, labels, keys in it:
             yield x, labels, keys, labels.new_tensor([k != "" for k in keys], dtype=torch.bool)
-    except DataError as e:  # re-raised from a worker: keep our message, drop its traceback
-        raise DataError(str(e).rsplit("DataError: ", 1)[-1].strip()) from None
+    except DataError as e:
+        raise worker_error(e) from None
     finally:
         if it in source._loaders:
             source._loaders.remove(it)
