@@ -286,28 +286,40 @@ def test_assemble_refuses_an_unfinished_set_and_loading_refuses_a_changed_member
         devices.load_set(copy)
 
 
+def _alone(dev, checkpoint: Path) -> tuple[dict, dict[str, tuple[str, np.ndarray]]]:
+    """One checkpoint scored on the test split in this process (no report files): its report and
+    {key: (predicted class, probabilities)}."""
+    from asc_dist.data import build_source as source_of
+    from asc_dist.restore import restore
+    from asc_dist.validate import evaluate as score, sample_groups
+
+    r = restore(checkpoint)
+    cfg = config.from_dict({**config.to_dict(r.cfg), "data": {**config.to_dict(r.cfg)["data"],
+                                                             "shards": str(dev.shards)}})
+    with source_of(cfg, "test", train=False, rank=0, world_size=1, device="cpu", batch_size=8) as src:
+        report, preds = score(r.model, src, r.standardize, sample_groups(cfg, "test"),
+                              r.autocast(torch.device("cpu")), keep=True)
+    names = r.classes
+    return report, {k: (names[int(p.argmax())], p) for k, p in zip(preds.keys, preds.probs)}
+
+
 def test_routed_evaluation_equals_each_device_scored_alone_by_its_model(dev, tmp_path, cli):
-    r = cli(evaluate.main, [str(dev.devset), "--split", str(dev.shards / "test"), "--out",
-                            str(tmp_path / "set"), "--quiet"])
-    assert r.returncode == 0, r
-    assert "7 clip(s) of devices without a model of their own (s4: 7)" in r.stderr
-    routed = read_predictions(tmp_path / "set" / "predictions.tsv")
+    out, stderr = _evaluated(dev, tmp_path, cli)
+    assert "7 clip(s) of devices without a model of their own (s4: 7)" in stderr
+    routed = read_predictions(out / "predictions.tsv")
     device_of = {s["key"]: s["device"] for s in samples(dev.shards / "test")}
     record = json.loads((dev.devset / "devices.json").read_text())
     for name, ckpt in [("general", record["general"]["checkpoint"]),
                        *[(d, m["checkpoint"]) for d, m in record["members"].items()]]:
-        out = tmp_path / name
-        assert cli(evaluate.main, [str(dev.devset / ckpt), "--split", str(dev.shards / "test"),
-                                   "--out", str(out), "--quiet"]).returncode == 0
-        alone = read_predictions(out / "predictions.tsv")
+        report, alone = _alone(dev, dev.devset / ckpt)
         mine = [k for k in alone if device_of[k] == name or (name == "general" and device_of[k] == "s4")]
         assert mine
         for k in mine:
             assert routed[k][0] == alone[k][0]
             np.testing.assert_allclose(routed[k][1], alone[k][1], atol=2e-6)
         if name == "general":
-            general = json.loads((out / "report.json").read_text())
-    report = json.loads((tmp_path / "set" / "report.json").read_text())
+            general = report
+    report = json.loads((out / "report.json").read_text())
     assert report["members"] == DEVICES
     assert report["general"]["classwise_accuracy"] == pytest.approx(general["classwise_accuracy"])
     assert report["gain"]["all"] == pytest.approx(report["classwise_accuracy"] - general["classwise_accuracy"])
@@ -316,7 +328,7 @@ def test_routed_evaluation_equals_each_device_scored_alone_by_its_model(dev, tmp
     assert groups["known"]["devices"] == DEVICES and groups["unknown"]["devices"] == ["s4"]
     assert groups["real"]["devices"] == ["a", "b"] and groups["unseen"]["count"] == 7
     assert "log_loss" in report["breakdowns"]["device"]["b"]
-    text = (tmp_path / "set" / "report.md").read_text()
+    text = (out / "report.md").read_text()
     assert "| s4 | general |" in text and "| b | own |" in text and "| unknown | s4 |" in text
 
 
@@ -363,7 +375,7 @@ def test_predict_split_names_clips_by_file_and_routes_by_their_devices(dev, tmp_
     assert r.returncode == 0, r
     got = read_tsv_probs(tmp_path / "p.tsv")
     assert sorted(got) == sorted(s["filename"] for s in samples(dev.shards / "test"))
-    routed = read_predictions(_evaluated(dev, tmp_path, cli) / "predictions.tsv")
+    routed = read_predictions(_evaluated(dev, tmp_path, cli)[0] / "predictions.tsv")
     name = {s["key"]: s["filename"] for s in samples(dev.shards / "test")}
     for key, (_, p) in routed.items():
         np.testing.assert_allclose(got[name[key]], p, atol=2e-6)
@@ -402,22 +414,27 @@ def test_predict_split_of_an_evaluation_set_routes_by_its_listed_device_ids(dev,
             np.testing.assert_allclose(got[it.name], probs[i].numpy(), atol=2e-6)
 
 
-def _evaluated(dev, tmp_path: Path, cli, *extra: str) -> Path:
-    out = tmp_path / ("eval" + "".join(extra).replace("-", ""))
-    r = cli(evaluate.main, [str(dev.devset), "--split", str(dev.shards / "test"), "--out", str(out),
-                            "--quiet", *extra])
-    assert r.returncode == 0, r
-    return out
+def _evaluated(dev, tmp_path: Path, cli, *extra: str) -> tuple[Path, str]:
+    """``evaluate DEVSET`` on the test split (with ``extra`` options): its output dir and log,
+    once per module for each set of options."""
+    done = dev.__dict__.setdefault("evaluated", {})
+    if extra not in done:
+        out = tmp_path / ("eval" + "".join(extra).replace("-", ""))
+        r = cli(evaluate.main, [str(dev.devset), "--split", str(dev.shards / "test"), "--out",
+                                str(out), "--quiet", *extra])
+        assert r.returncode == 0, r
+        done[extra] = (out, r.stderr)
+    return done[extra]
 
 
 def test_fp16_evaluation_gives_the_fp32_labels_on_the_test_clips(dev, tmp_path, cli):
-    half = read_predictions(_evaluated(dev, tmp_path, cli, "--precision", "fp16") / "predictions.tsv")
-    full = read_predictions(_evaluated(dev, tmp_path, cli, "--precision", "fp32") / "predictions.tsv")
+    half_dir, _ = _evaluated(dev, tmp_path, cli, "--precision", "fp16")
+    half = read_predictions(half_dir / "predictions.tsv")
+    full = read_predictions(_evaluated(dev, tmp_path, cli)[0] / "predictions.tsv")  # fp32: the run's
     assert len(half) == 30 and {k: v[0] for k, v in half.items()} == {k: v[0] for k, v in full.items()}
     diff = max(np.abs(half[k][1] - full[k][1]).max() for k in half)
     assert 0 < diff < 1e-2  # float16 for real, and close
-    report = json.loads((tmp_path / "evalprecisionfp16" / "report.json").read_text())
-    assert report["precision"] == "fp16"
+    assert json.loads((half_dir / "report.json").read_text())["precision"] == "fp16"
 
 
 def test_complexity_counts_every_member_and_the_maxima(dev, cli):
