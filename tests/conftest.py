@@ -12,6 +12,7 @@ make_shards``) with your own tmp dir, or use the ``shard_factory`` fixture.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -98,6 +99,16 @@ def shard_factory(tmp_path):
         return make_shards(tmp_path / f"variant{n[0]}", **kw)
 
     return factory
+
+
+def exit_spawned_rank() -> None:
+    """End a spawned gloo rank that has written its results and torn its process group down:
+    skip the interpreter's finalisation, where torch's gloo threads occasionally abort the
+    process ("terminate called without an active exception", PITFALLS.md), which
+    torch.multiprocessing.spawn would report as a failed rank."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class Ran:

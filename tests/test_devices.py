@@ -24,7 +24,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.multiprocessing as mp
-from conftest import make_shards
+from conftest import exit_spawned_rank, make_shards
 
 from asc_dist import config, devices, evaluate, predict, synth, train
 from asc_dist.data import build_source, dali_available
@@ -182,6 +182,8 @@ def _partial_worker(rank: int, world: int, port: int, shards: str, out: str, n_d
                     "weight": last.weight}, Path(out) / f"{world}-{rank}.pt")
     finally:
         dist.teardown()
+    if world > 1:
+        exit_spawned_rank()
 
 
 @pytest.mark.slow

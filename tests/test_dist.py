@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from asc_dist import dist
+from conftest import exit_spawned_rank
 
 HERE = ["lo", "eth0", "eth1", "ib0", "docker0"]
 
@@ -163,6 +164,7 @@ def _compile_worker(rank: int, port: int, out: str) -> None:
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.teardown()
+    exit_spawned_rank()
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.multiprocessing as mp
+from conftest import exit_spawned_rank
 from test_frontend_options import waves
 
 from asc_dist import config, distill, train
@@ -327,6 +328,7 @@ def _rank(rank: int, runs: list[tuple[int, list[str]]], out: str) -> None:
         codes.append(train.main(argv))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(codes, f)
+    exit_spawned_rank()
 
 
 @pytest.fixture(scope="module")
