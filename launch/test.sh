@@ -27,6 +27,9 @@ set +e
 # worker runs them all.
 workers=()
 [ "${ASC_TEST_WORKERS:-2}" != 0 ] && workers=(-n "${ASC_TEST_WORKERS:-2}" --dist loadfile)
+# One math thread per worker: torch's default (one per core) in each of two workers
+# oversubscribes a 2-core machine, and a ResNet-50 test then ran 5-10x slower (BENCHMARKS.md).
+[ ${#workers[@]} -gt 0 ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # ${a[@]+...}: an empty array under set -u is an error in bash < 4.4
 "$PY" -m pytest -q --durations=15 ${workers[@]+"${workers[@]}"} ${marks[@]+"${marks[@]}"} "$@"
 rc=$?
