@@ -22,6 +22,20 @@ export PYTHONPATH="$ASC_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Prints an error and fails; callers write `x=$(asc_... ) || exit 1`.
 asc_die() { echo "error: $*" >&2; return 1; }
 
+# Submit a SLURM job and print its id. usage: asc_submit NAME [sbatch args ...]
+# ASC_DRY_RUN=1: print the sbatch command on fd 3 (the caller's terminal: `exec 3>&1` before
+# capturing) and the placeholder id <NAME>, submitting nothing.
+asc_submit() {
+  local name=$1 cmd out; shift
+  if [ "${ASC_DRY_RUN:-0}" = 1 ]; then
+    cmd=$(printf '%q ' sbatch "$@"); echo "${cmd% }" >&3
+    echo "<$name>"
+  else
+    out=$(sbatch --parsable "$@") || { echo "error: sbatch failed for $name" >&2; return 1; }
+    echo "${out%%;*}"
+  fi
+}
+
 # The rendezvous host: the first host of the nodelist ($1, default $SLURM_JOB_NODELIST), as
 # scontrol expands it (slurm-client installs it on every SLURM node: no parser of our own).
 # Deliberately no "localhost" fallback: every node would rendezvous alone and train its own model.

@@ -50,17 +50,8 @@ plan=$("$PY" -m asc_dist.table1 plan "${plan_args[@]}" "${yamls[@]}" "${override
 read -r -a all_args <<< "${ASC_SBATCH_ARGS:-}"
 read -r -a train_sbatch <<< "${ASC_TRAIN_SBATCH_ARGS:-}"
 
-exec 3>&1  # the terminal, while submit's stdout is captured
-submit() {  # prints the job id; with --dry-run, shows the command and returns a placeholder id
-  local name=$1 cmd; shift
-  if [ "$dry" = 1 ]; then
-    cmd=$(printf '%q ' sbatch "$@"); echo "${cmd% }" >&3
-    echo "<$name>"
-  else
-    local out; out=$(sbatch --parsable "$@") || { echo "error: sbatch failed for $name" >&2; return 1; }
-    echo "${out%%;*}"
-  fi
-}
+exec 3>&1  # the terminal, while asc_submit's stdout is captured
+submit() { ASC_DRY_RUN=$dry asc_submit "$@"; }
 
 ids=()
 dep=(); [ -n "$after" ] && dep=(--dependency="afterok:$after")

@@ -45,8 +45,9 @@ def waves(sample_rate: int, n: int = 3, seed: int = 0) -> np.ndarray:
 
 
 def dali_logmel(batch: np.ndarray, f) -> np.ndarray:
-    """[B, L] float32 -> [B, 1, n_mels, frames] through asc_dist.data.dali.logmel_graph (CPU), the
-    clips as float WAV bytes (decoded exactly)."""
+    """[B, L] float32 -> what asc_dist.data.dali.logmel_graph gives per clip (CPU; [B, 1, n_mels,
+    frames], or the power spectrogram where torch finishes: mel_scale=kaldi), the clips as float
+    WAV bytes (decoded exactly)."""
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline

@@ -37,6 +37,18 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}){gpu}"
 
 
+def write_results(out: Path, results: dict, summary: str) -> int:
+    """A pipeline check's OUT/results.json and OUT/summary.md (atomic); the summary printed."""
+    import json
+
+    from asc_dist import atomic
+
+    atomic.write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic.write_text(out / "summary.md", summary)
+    print(summary)
+    return 0
+
+
 def with_values(cfg, values: dict):
     """A copy of a read-only config with dotted keys replaced."""
     from omegaconf import OmegaConf

@@ -24,8 +24,7 @@ import logging
 import time
 from pathlib import Path
 
-from asc_dist import atomic
-from asc_dist.bench import machine
+from asc_dist.bench import machine, write_results
 from asc_dist.bench.distill import warmup
 
 log = logging.getLogger(__name__)
@@ -107,11 +106,7 @@ def run(args: argparse.Namespace) -> int:
                    for g, r in report.get("device_groups", {}).items()},
         "seconds": seconds,
     }
-    atomic.write_text(out / "results.json", json.dumps(results, indent=2))
-    summary = format_summary(results)
-    atomic.write_text(out / "summary.md", summary)
-    print(summary)
-    return 0
+    return write_results(out, results, format_summary(results))
 
 
 def format_summary(r: dict) -> str:

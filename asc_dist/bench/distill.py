@@ -35,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asc_dist import atomic
-from asc_dist.bench import machine
+from asc_dist.bench import machine, write_results
 
 log = logging.getLogger(__name__)
 
@@ -217,11 +216,7 @@ def run(args: argparse.Namespace) -> int:
                                                         "student": [*recipe, *common]},
                                                  args.cost_steps)
         results["cost_steps"] = args.cost_steps
-    atomic.write_text(out / "results.json", json.dumps(results, indent=2))
-    summary = format_summary(results)
-    atomic.write_text(out / "summary.md", summary)
-    print(summary)
-    return 0
+    return write_results(out, results, format_summary(results))
 
 
 def format_summary(r: dict) -> str:
