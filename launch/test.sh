@@ -26,7 +26,10 @@ set +e
 # loadfile: a file's tests share its expensive fixtures (a SLURM cluster, a sweep), so one
 # worker runs them all.
 workers=()
-[ "${ASC_TEST_WORKERS:-2}" != 0 ] && workers=(-n "${ASC_TEST_WORKERS:-2}" --dist loadfile)
+# --no-loadscope-reorder: xdist would otherwise queue the files by their number of tests,
+# ignoring conftest's longest-first order (a 48-s file of 2 tests then ran last, alone).
+[ "${ASC_TEST_WORKERS:-2}" != 0 ] && workers=(-n "${ASC_TEST_WORKERS:-2}" --dist loadfile \
+  --no-loadscope-reorder)
 # One math thread per worker: torch's default (one per core) in each of two workers
 # oversubscribes a 2-core machine, and a ResNet-50 test then ran 5-10x slower (BENCHMARKS.md).
 [ ${#workers[@]} -gt 0 ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -138,9 +138,13 @@ def cli(capsys):
 
 # Under pytest-xdist (launch/test.sh: two workers, one file per worker at a time) the files with
 # the longest runs go first, so the suite does not end with one worker idle beside a long file.
-_LONG_FILES = ("test_slurm.py", "test_gpu_check.py", "test_train.py", "test_launch.py",
-               "test_table1.py", "test_bench.py", "test_offline_bundle.py", "test_distill.py",
-               "test_passt.py")
+# Longest first, by the seconds each file took in a full run (2026-12-06); launch/test.sh keeps
+# xdist from reordering the files by their number of tests.
+_LONG_FILES = ("test_slurm.py", "test_train.py", "test_gpu_check.py", "test_launch.py",
+               "test_table1.py", "test_devices.py", "test_distill.py", "test_evaluate.py",
+               "test_data.py", "test_offline_bundle.py", "test_passt.py", "test_model.py",
+               "test_data_dist.py", "test_bench.py", "test_tracking.py", "test_dist.py",
+               "test_export.py", "test_predict.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -167,10 +167,14 @@ def test_two_processes_give_the_single_process_report(run_dir, packed_shards, si
     dist_report = json.loads((out / "report.json").read_text())
     single = json.loads((single_report / "report.json").read_text())
     assert dist_report["processes"] == 2
-    for key in ("count", "confusion", "class_counts", "per_class", "classwise_accuracy", "accuracy",
-                "breakdowns"):
+    for key in ("count", "confusion", "class_counts", "per_class", "classwise_accuracy", "accuracy"):
         assert dist_report[key] == single[key], key
     assert dist_report["log_loss"] == pytest.approx(single["log_loss"], rel=1e-6)
+    for name, table in single["breakdowns"].items():  # the log losses summed in another order
+        for value, want in table.items():
+            got = dist_report["breakdowns"][name][value]
+            assert got["log_loss"] == pytest.approx(want["log_loss"], rel=1e-6)
+            assert {**got, "log_loss": 0} == {**want, "log_loss": 0}, (name, value)
 
 
 def test_default_split_and_out_come_from_the_run(run_dir, single_report, capsys):
