@@ -172,6 +172,27 @@ def read_checked(source: Path | bytes, *, name: str = "", expect_sample_rate: in
     return x, sr, info
 
 
+def fft_length(n: int, radices: tuple[int, ...] = (3, 5, 7)) -> int:
+    """The smallest 2^a times powers of ``radices`` that is >= n: a length FFTs are fast at
+    (zero-padding a convolution to it changes nothing but the time it takes)."""
+    best = 1 << max(0, (n - 1).bit_length())
+
+    def odd_parts(i: int, base: int):  # base times every product of powers of radices[i:]
+        if i == len(radices):
+            yield base
+            return
+        while base < best:
+            yield from odd_parts(i + 1, base)
+            base *= radices[i]
+
+    for odd in odd_parts(0, 1):
+        m = odd
+        while m < n:
+            m *= 2
+        best = min(best, m)
+    return best
+
+
 def tune_malloc() -> None:
     """Keep freed memory in glibc's heap instead of returning it to the OS after every clip.
 

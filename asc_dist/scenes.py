@@ -17,6 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from asc_dist.audio import fft_length
+
 SCENES = (
     "airport", "bus", "metro", "metro_station", "park",
     "public_square", "shopping_mall", "street_pedestrian", "street_traffic", "tram",
@@ -174,7 +176,7 @@ def render_clip(
         else:  # tonal chirp: a short downward glide
             glide = ehz * (1.0 + 0.15 * env)
             kernel = np.sin(2 * math.pi * np.cumsum(glide) / sr) * env * math.sqrt(2)
-        nfft = _fast_len(n + klen)
+        nfft = fft_length(n + klen, (3, 5))
         ev = np.fft.irfft(np.fft.rfft(train, nfft) * np.fft.rfft(kernel, nfft), nfft)[:n]
         pan = rng.uniform(0.6, 1.0, (channels, 1))
         x = x + (10 ** (p["event_db"] / 20)) * pan * ev[None, :]
@@ -186,22 +188,6 @@ def render_clip(
     if peak > 0.99:
         x *= 0.99 / peak
     return x
-
-
-def _fast_len(n: int) -> int:
-    """Smallest 2^a * 3^b * 5^c >= n (fast FFT sizes)."""
-    best = 1 << (n - 1).bit_length()
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            m = p35
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            p35 *= 3
-        p5 *= 5
-    return best
 
 
 # The reference device records flat; TAU's real device "a" (a Soundman OKM II binaural

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from asc_dist import audio
+from asc_dist.audio import fft_length
 from asc_dist.errors import ConfigError
 from asc_dist.frontend import kaldi_mel_banks_between
 
@@ -106,21 +107,7 @@ def load_irs(folder: str | Path, sample_rate: int, resampler: str = audio.RESAMP
 
 def fast_length(n: int) -> int:
     """The smallest 2^a 3^b 5^c 7^d >= n (the sizes FFT libraries are fastest at)."""
-    best = 1 << max(0, (n - 1).bit_length())
-    p7 = 1
-    while p7 < best:
-        p5 = p7
-        while p5 < best:
-            p3 = p5
-            while p3 < best:
-                m = p3
-                while m < n:
-                    m *= 2
-                best = min(best, m)
-                p3 *= 3
-            p5 *= 5
-        p7 *= 7
-    return best
+    return fft_length(n, (3, 5, 7))
 
 
 class ImpulseResponses:

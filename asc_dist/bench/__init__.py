@@ -37,6 +37,28 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}){gpu}"
 
 
+def synthetic_shards(data: Path, clips_per_class: int, devices: list[str] | None = None,
+                     unseen: list[str] | None = None) -> Path:
+    """1-s synthetic scenes at 32 kHz (the DCASE front end's rate; recorded by ``devices``, and
+    ``unseen`` in the test split only, when given), packed once into DATA/shards."""
+    import logging
+
+    from asc_dist import pack, synth
+
+    shards = data / "shards"
+    if not (shards / "train" / "manifest.json").is_file():
+        devices, unseen = list(devices or []), list(unseen or [])
+        recorded = f" recorded by {', '.join(devices + unseen)}" if devices else ""
+        logging.getLogger(__name__).info(
+            f"synthesising {clips_per_class} 1-s clips per class at 32 kHz{recorded} -> {data}")
+        synth.generate(data / "dataset", clips_per_class=clips_per_class, duration=1.0,
+                       sample_rate=32000, channels=1, seed=0, progress=False, overwrite=True,
+                       devices=devices, unseen_devices=unseen)
+        pack.pack(data / "dataset", shards, sample_rate=32000, seed=0, progress=False,
+                  verbose=False, overwrite=True)
+    return shards
+
+
 def write_results(out: Path, results: dict, summary: str) -> int:
     """A pipeline check's OUT/results.json and OUT/summary.md (atomic); the summary printed."""
     import json

@@ -24,7 +24,7 @@ import logging
 import time
 from pathlib import Path
 
-from asc_dist.bench import machine, write_results
+from asc_dist.bench import machine, synthetic_shards, write_results
 from asc_dist.bench.distill import warmup
 
 log = logging.getLogger(__name__)
@@ -50,19 +50,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from asc_dist import devices, evaluate, pack, synth, train
+    from asc_dist import devices, evaluate, train
     from asc_dist.errors import UserError
 
     out: Path = args.out
-    data, shards = out / "data", out / "data" / "shards"
-    if not (shards / "train" / "manifest.json").is_file():
-        log.info(f"synthesising {args.clips_per_class} 1-s clips per class at 32 kHz recorded by "
-                 f"{', '.join(TRAIN_DEVICES + UNSEEN)} -> {data}")
-        synth.generate(data / "dataset", clips_per_class=args.clips_per_class, duration=1.0,
-                       sample_rate=32000, channels=1, seed=0, progress=False, overwrite=True,
-                       devices=TRAIN_DEVICES, unseen_devices=UNSEEN)
-        pack.pack(data / "dataset", shards, sample_rate=32000, seed=0, progress=False,
-                  verbose=False, overwrite=True)
+    shards = synthetic_shards(out / "data", args.clips_per_class, TRAIN_DEVICES, UNSEEN)
     common = [f"data.shards={shards}", "wandb.mode=disabled", f"train.global_batch={args.batch}",
               "train.epochs=0", *args.config]
     seconds = {}

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asc_dist.bench import machine, write_results
+from asc_dist.bench import machine, synthetic_shards, write_results
 
 log = logging.getLogger(__name__)
 
@@ -144,24 +144,14 @@ def cost_per_step(runs: Path, recipes: dict[str, list[str]], steps: int) -> dict
 
 
 def run(args: argparse.Namespace) -> int:
-    from asc_dist import pack, synth
     from asc_dist.table1.stats import mean_ci, paired_bootstrap
 
     out: Path = args.out
     seeds = [int(s) for s in str(args.seeds).split(",") if s != ""]
     data, runs = out / "data", out / "runs"
-    shards = data / "shards"
     passt = args.teacher_model == "passt"
     devices, unseen = (TRAIN_DEVICES, UNSEEN) if passt else ([], [])
-    if not (shards / "train" / "manifest.json").is_file():
-        recorded = f" recorded by {', '.join(devices + unseen)}" if devices else ""
-        log.info(f"synthesising {args.clips_per_class} 1-s clips per class at 32 kHz{recorded} "
-                 f"-> {data}")
-        synth.generate(data / "dataset", clips_per_class=args.clips_per_class, duration=1.0,
-                       sample_rate=32000, channels=1, seed=0, progress=False, overwrite=True,
-                       devices=devices, unseen_devices=unseen)
-        pack.pack(data / "dataset", shards, sample_rate=32000, seed=0, progress=False,
-                  verbose=False, overwrite=True)
+    shards = synthetic_shards(data, args.clips_per_class, devices, unseen)
     common = [f"data.shards={shards}", "resume=never", "wandb.mode=disabled",
               f"train.global_batch={args.batch}", "train.epochs=0", *args.config]
     timing = {}
