@@ -56,7 +56,13 @@ from asc_dist.checkpoint import load as load_checkpoint
 from asc_dist.cli import EXIT_ERROR, EXIT_STOPPED, command
 from asc_dist.errors import TrainingDiverged, UserError
 from asc_dist.frontend import settings
-from asc_dist.restore import Restored, checkpoint_config, frozen_differences, resolve_checkpoint, restore
+from asc_dist.restore import (
+    Restored,
+    checkpoint_config,
+    frozen_differences,
+    resolve_checkpoint,
+    restore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +227,8 @@ class RoutedModel(nn.Module):
         out = None
         for device, rows in self.routes(devices).items():
             model = self.general if device is None else self.members[device]
-            standardize = self.general_standardize if device is None else self.member_standardize[device]
+            standardize = (self.general_standardize if device is None
+                           else self.member_standardize[device])
             part = x
             if len(rows) != x.shape[0]:
                 idx = torch.tensor(rows, device=x.device)
@@ -277,8 +284,8 @@ class DeviceSet:
         """The models behind one forward (float16 copies when ``half``, default: as configured)."""
         half = self.half if half is None else half
         pick = _half_copy if half else (lambda m: m)
-        return RoutedModel(pick(self.general.model), self.general.standardize,
-                           {d: (pick(r.model), r.standardize) for d, r in self.members.items()}).eval()
+        members = {d: (pick(r.model), r.standardize) for d, r in self.members.items()}
+        return RoutedModel(pick(self.general.model), self.general.standardize, members).eval()
 
 
 def _half_copy(model: nn.Module) -> nn.Module:
@@ -296,7 +303,8 @@ def load_set(path: str | Path, *, overrides: Sequence[str] = (),
     except (OSError, ValueError) as e:
         raise DeviceSetError(f"{root / SET_FILE}: not a readable device set ({e})") from None
     if record.get("format") != FORMAT:
-        raise DeviceSetError(f"{root / SET_FILE}: format {record.get('format')!r}, expected {FORMAT}")
+        raise DeviceSetError(f"{root / SET_FILE}: format {record.get('format')!r}, "
+                             f"expected {FORMAT}")
     entries = {None: record["general"], **record["members"]}
     problems = []
     for name, m in entries.items():
@@ -396,7 +404,8 @@ def finetune(general: str | Path, out: str | Path, args: Sequence[str] = (), *,
                     log.info(f"device {device}: {cfg.run_dir} is finished; skipped")
                 continue
             if env.is_main:
-                log.info(f"device {device}: fine-tuning {general.name} on its clips -> {cfg.run_dir}")
+                log.info(f"device {device}: fine-tuning {general.name} on its clips -> "
+                         f"{cfg.run_dir}")
             if train.train(cfg, env)["stopped"]:
                 train.leave_together(env)
                 return EXIT_STOPPED

@@ -112,8 +112,9 @@ def _trace(model: nn.Module, example: torch.Tensor, name: str, atol: float
         traced = torch.jit.trace(model, example[:2], check_trace=False)
         diff = float((traced(example) - model(example)).abs().max())
     if not diff <= atol:
-        raise SubmissionError(f"the traced {name} model differs from the checkpoint's by {diff:.3g} "
-                              f"> {atol} on the same inputs: it cannot be exported as TorchScript")
+        raise SubmissionError(f"the traced {name} model differs from the checkpoint's by "
+                              f"{diff:.3g} > {atol} on the same inputs: it cannot be exported as "
+                              f"TorchScript")
     return traced, diff
 
 
@@ -154,7 +155,8 @@ setup(
 )
 '''
 
-MODULE = '''"""DCASE 2025 task 1 submission {label}_{index} (asc_dist.export --dcase2025): {what}."""
+MODULE = '''"""DCASE 2025 task 1 submission {label}_{index} (asc_dist.export --dcase2025):
+{what}."""
 
 from pathlib import Path
 
@@ -179,7 +181,8 @@ def predict(file_paths, device_ids, model_file_path=None, use_cuda=True):
     return _SUBMISSION.predict(file_paths, device_ids, model_file_path, use_cuda=use_cuda)
 '''
 
-RUNNER = '''"""python -m {label}.run --submission {label}_1 (--list FILE [--root DIR] | FILE ...) --out DIR
+RUNNER = '''"""python -m {label}.run --submission {label}_1 (--list FILE [--root DIR] | FILE ...)
+    --out DIR
 
 Predicts audio files with one module of this package and writes DIR/output.csv as the official
 evaluation script does (tab-separated: filename, scene_label, one softmax probability per class)
@@ -199,7 +202,8 @@ from {label}._runtime import write_output
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m {label}.run", description=__doc__.split("\\n\\n")[0])
+    p = argparse.ArgumentParser(prog="python -m {label}.run",
+                                description=__doc__.split("\\n\\n")[0])
     p.add_argument("--submission", default="{label}_1", help="module name ({label}_1 ... _4)")
     p.add_argument("--list", help="filename[/device_id] list (tab-separated, header)")
     p.add_argument("--root", default=".", help="the folder the list's names are relative to")
@@ -215,7 +219,8 @@ def main(argv=None):
         devices = [r.get("device_id") for r in rows]
     if not names:
         p.error("no files: give --list or files")
-    devices = [d or Path(n).stem.rsplit("-", 1)[-1] for n, d in zip(names, devices or [None] * len(names))]
+    devices = [d or Path(n).stem.rsplit("-", 1)[-1]
+               for n, d in zip(names, devices or [None] * len(names))]
     module = importlib.import_module(f"{label}.{{a.submission}}")
     paths = [str(Path(a.root) / n) if a.list else n for n in names]
     logits, classes = module.predict(paths, devices, use_cuda=a.cuda)
@@ -239,13 +244,14 @@ def write_package(model_or_set, out: str | Path, label: str, index: int = 1, *,
 
     if not LABEL.fullmatch(label):
         raise SubmissionError(f"--label {label!r}: a DCASE submission label reads "
-                              f"Lastname_INSTITUTION_task1 (letters and digits, e.g. Schmid_CPJKU_task1)")
+                              f"Lastname_INSTITUTION_task1 (letters and digits, e.g. "
+                              f"Schmid_CPJKU_task1)")
     if not 1 <= index <= 4:
         raise SubmissionError(f"--index {index}: a package holds submissions 1 to 4")
     out = Path(out)
     if out.exists() and not (out / label / "_runtime.py").is_file() and any(out.iterdir()):
-        raise SubmissionError(f"{out} exists and is not the package {label} (no {label}/_runtime.py):"
-                              f" give another folder")
+        raise SubmissionError(f"{out} exists and is not the package {label} (no "
+                              f"{label}/_runtime.py): give another folder")
     name = f"{label}_{index}"
     if (out / label / "ckpts" / name).exists() and not overwrite:
         raise SubmissionError(f"{out} already holds {name}: pass --overwrite to replace it, or "
@@ -286,11 +292,13 @@ def write_package(model_or_set, out: str | Path, label: str, index: int = 1, *,
             for key, module in traced.items():
                 module.save(str(ckpt / f"{key}.pt"))
         (ckpt / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (pkg / "resources" / name / "complexity.json").write_text(json.dumps(complexity, indent=2) + "\n")
+        (pkg / "resources" / name / "complexity.json").write_text(
+            json.dumps(complexity, indent=2) + "\n")
         shutil.copyfile(RUNTIME, pkg / "_runtime.py")
         (pkg / "__init__.py").write_text(f'"""DCASE 2025 task 1 submission package {label}."""\n')
-        what = (f"device set {Path(model_or_set.path).name} (general model + {', '.join(meta['members'])})"
-                if is_set else f"checkpoint {Path(model_or_set.path).name} for every device")
+        what = (f"device set {Path(model_or_set.path).name} (general model + "
+                f"{', '.join(meta['members'])})" if is_set
+                else f"checkpoint {Path(model_or_set.path).name} for every device")
         (pkg / f"{name}.py").write_text(MODULE.format(label=label, index=index, what=what))
         (pkg / "run.py").write_text(RUNNER.format(label=label))
         (tmp / "setup.py").write_text(SETUP.format(label=label))
@@ -304,5 +312,6 @@ def write_package(model_or_set, out: str | Path, label: str, index: int = 1, *,
     log.info(f"wrote {name} into {out} ({'fp16' if half else 'fp32'}; round trip max |diff|: "
              + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
              + f"); complexity: max {complexity['max_MACs']:,} MACs, {complexity['max_Params']:,} "
-               f"B of parameters" + ("" if complexity["within_limits"] else " (over DCASE 2025's limits)"))
+               f"B of parameters"
+             + ("" if complexity["within_limits"] else " (over DCASE 2025's limits)"))
     return meta

@@ -158,7 +158,8 @@ class Submission:
         if len(file_paths) != len(device_ids):
             raise ValueError(f"{len(file_paths)} files but {len(device_ids)} device ids")
         model = self.load_model(model_file_path)
-        target = torch.device("cuda") if use_cuda and torch.cuda.is_available() else torch.device("cpu")
+        cuda = use_cuda and torch.cuda.is_available()
+        target = torch.device("cuda" if cuda else "cpu")
         model = model.to(target)
         inputs = self.load_inputs(file_paths, device_ids, model)
         logits: list[torch.Tensor | None] = [None] * len(file_paths)
@@ -184,7 +185,8 @@ def write_output(path: str | Path, names: Sequence[str], logits: Sequence[torch.
     lines = ["\t".join(["filename", "scene_label", *classes])]
     for name, row in zip(names, logits):
         p = torch.softmax(row.float(), dim=-1)
-        lines.append("\t".join([str(name), classes[int(p.argmax())], *(f"{float(v):.6f}" for v in p)]))
+        probs = [f"{float(v):.6f}" for v in p]
+        lines.append("\t".join([str(name), classes[int(p.argmax())], *probs]))
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)

@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("devices", help="general model -> device set -> routed evaluation, on "
                                        "synthetic device scenes",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path, help="output dir (data/, runs/, devset/, results.json, summary.md)")
+    p.add_argument("out", type=Path,
+                   help="output dir (data/, runs/, devset/, results.json, summary.md)")
     p.add_argument("--clips-per-class", type=int, default=36)
     p.add_argument("--general-iters", type=int, default=300)
     p.add_argument("--device-iters", type=int, default=60)
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if train.main([DATA, *GENERAL, f"run_dir={general}", f"train.max_iters={args.general_iters}",
                    f"optim.warmup_iters={warmup(args.general_iters)}",
-                   f"train.eval_every={args.general_iters}", f"train.ckpt_every={args.general_iters}",
+                   f"train.eval_every={args.general_iters}",
+                   f"train.ckpt_every={args.general_iters}",
                    *common]) != 0:
         raise UserError("training the general model failed")
     seconds["general"] = time.perf_counter() - t0
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if devices.main(["finetune", str(general), "--out", str(devset), "--devices",
                      ",".join(TRAIN_DEVICES), DEVICE, f"train.max_iters={args.device_iters}",
                      f"optim.warmup_iters={warmup(args.device_iters)}",
-                     f"train.eval_every={args.device_iters}", f"train.ckpt_every={args.device_iters}",
+                     f"train.eval_every={args.device_iters}",
+                     f"train.ckpt_every={args.device_iters}",
                      *common]) != 0:  # train.epochs=0 after the recipe's 50: iterations instead
         raise UserError("device-specific fine-tuning failed")
     seconds["finetune"] = time.perf_counter() - t0
@@ -81,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("evaluating the device set failed")
     seconds["evaluate"] = time.perf_counter() - t0
     report = json.loads((devset / "eval" / "report.json").read_text())
+
+    def general_of(device: str) -> float | None:
+        return report["general"]["breakdowns"]["device"][device]["classwise_accuracy"]
+
     results = {
         "machine": machine(), "clips_per_class": args.clips_per_class, "batch": args.batch,
         "general_iters": args.general_iters, "device_iters": args.device_iters,
@@ -88,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
         "set": {"classwise_accuracy": report["classwise_accuracy"], "log_loss": report["log_loss"]},
         "general": {"classwise_accuracy": report["general"]["classwise_accuracy"],
                     "log_loss": report["general"]["log_loss"]},
-        "per_device": {d: {"general": report["general"]["breakdowns"]["device"][d]["classwise_accuracy"],
-                           "set": r["classwise_accuracy"], "model": "own" if d in report["members"]
-                           else "general", "clips": r["count"]}
+        "per_device": {d: {"general": general_of(d), "set": r["classwise_accuracy"],
+                           "model": "own" if d in report["members"] else "general",
+                           "clips": r["count"]}
                        for d, r in report["breakdowns"]["device"].items()},
         "groups": {g: {"set": r["classwise_accuracy"],
                        "general": report["general"]["device_groups"][g]["classwise_accuracy"],
@@ -119,7 +126,8 @@ def format_summary(r: dict) -> str:
     for d, v in r["per_device"].items():
         lines.append(f"| {d} | {v['model']} model | {v['clips']} | {v['general']:.3f} | "
                      f"{v['set']:.3f} | {v['set'] - v['general']:+.3f} |")
-    lines += ["", "| group | devices | general class-wise | set class-wise |", "|---|---|---:|---:|"]
+    lines += ["", "| group | devices | general class-wise | set class-wise |",
+              "|---|---|---:|---:|"]
     for g, v in r["groups"].items():
         lines.append(f"| {g} | {', '.join(v['devices'])} | {v['general']:.3f} | {v['set']:.3f} |")
     s = r["seconds"]
