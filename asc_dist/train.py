@@ -257,7 +257,7 @@ def checkpoint_state(cfg: DictConfig, p: Parts, step: int, best: float, wandb_id
         "feature_stats": None if p.stats is None else {"mean": p.stats[0].cpu(), "std": p.stats[1].cpu()},
         # How the training audio was resampled (predict and export treat raw files alike) and
         # which recording devices it came from (known vs unknown devices in reports).
-        "resampler": (p.train_src.index.manifest.get("settings") or {}).get("resampler"),
+        "resampler": p.train_src.index.resampler,
         "train_devices": train_devices(p.train_src),
         "init_from": p.init_from,
     }

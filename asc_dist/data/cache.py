@@ -208,12 +208,12 @@ class ResidentSource(BatchSource):
         for step in range(start_step, len(plan)):
             ids = on_device[step]
             row = plan[step]
-            rows = int((row >= 0).sum())
             weight = 1.0
             if self.train:
                 ok = full
                 if self.remainder and step == len(plan) - 1:  # the partial last batch
                     # (train.drop_last=false): this rank's share of it, weighted
+                    rows = int((row >= 0).sum())
                     weight = self.step_weight(step, rows)
                     ids, ok = ids[:max(rows, 1)], valid[step, :max(rows, 1)]
             else:

@@ -83,6 +83,13 @@ class SplitIndex:
         """True when samples.jsonl carries per-member digests (packs since they exist)."""
         return bool(self.samples) and self.samples[0].digests is not None
 
+    @property
+    def resampler(self) -> str:
+        """The resampler the split was packed with (asc_dist.audio.RESAMPLERS; older packs: soxr)."""
+        from asc_dist.audio import RESAMPLER
+
+        return (self.manifest.get("settings") or {}).get("resampler") or RESAMPLER
+
     def device_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for s in self.samples:

@@ -37,7 +37,7 @@ class ShardSamples(Dataset):
         self.cfg_features = cfg_features
         self.sample_rate = int(cfg_features.sample_rate)
         # shards stored at another rate than the features' go through the pack's own resampler
-        self.resampler = (index.manifest.get("settings") or {}).get("resampler") or audio.RESAMPLER
+        self.resampler = index.resampler
         self.num_samples = clip_samples(cfg_features)
         self.features_here = features_here
         self._fds: dict[int, int] = {}

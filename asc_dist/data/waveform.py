@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from asc_dist import audio, dist
+from asc_dist import dist
 from asc_dist.data import Batch
 from asc_dist.data.cache import ResidentSource, table_bytes
 from asc_dist.data.manifest import DataError, SplitIndex
@@ -58,18 +58,13 @@ WAVE_STREAM = 0x3A7E  # the waveform augmentations' draws: a stream apart from t
 CHUNK = 4096  # clips per all-gather round while building (bounds the transient memory)
 
 
-def resampler_of(index: SplitIndex) -> str:
-    """The resampler the split was packed with (what the readers and the impulse responses use)."""
-    return (index.manifest.get("settings") or {}).get("resampler") or audio.RESAMPLER
-
-
 def irs_for(cfg: Any, index: SplitIndex) -> tuple[list[str], list[np.ndarray]] | None:
     """``augment.dir``'s responses at the clips' rate (None when it is off); refused naming the
     folder or file when not usable (asc_dist.wave_augment.load_irs)."""
     d = cfg.augment.dir
     if not d.p > 0:
         return None
-    return load_irs(d.path, int(cfg.features.sample_rate), resampler_of(index))
+    return load_irs(d.path, int(cfg.features.sample_rate), index.resampler)
 
 
 def preflight(cfg: Any, index: SplitIndex) -> None:
